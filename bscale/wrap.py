@@ -1,0 +1,679 @@
+"""The drop-in optimizer wrapper: live noise scale, optimal learning rate and batch scaling inside ``step()``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable
+
+import torch
+from torch.optim import Optimizer
+
+from . import laws
+from .estimate import NoiseScaleEstimator
+from .kernels import accumulate_sq_norms, coordinate_stats, sq_norms
+
+__all__ = ["ScaledOptimizer", "wrap"]
+
+_RULES = ("noise", "linear", "sqrt")
+_LAWS = ("sgd", "adam")
+_ADAM_LIKE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adafactor", "RMSprop", "Adagrad", "SparseAdam")
+
+
+def _infer_law(optimizer: Optimizer) -> str:
+    """Adam-family optimizers follow the Surge law; everything else is treated as SGD (McCandlish)."""
+    return "adam" if type(optimizer).__name__ in _ADAM_LIKE else "sgd"
+
+
+def _check_positive(name: str, value: Any, integer: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if integer:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"Invalid {name}: {value!r}; it must be {kind} of examples")
+
+
+class ScaledOptimizer(Optimizer):
+    r"""Wraps a ``torch.optim`` optimizer to measure the gradient noise scale live and scale its learning rate.
+
+    The training loop is unchanged: ``k`` calls of ``loss.backward()`` (gradient accumulation), then ``step()`` and
+    ``zero_grad()``. During each backward, gradient hooks add every parameter's squared microbatch-gradient norm into
+    a device buffer (no host sync, one fused launch per bucket of gradients); at the end of the backward the squared
+    norm of the accumulated ``.grad`` is taken, before any clipping or unscaling. At ``step()`` one host sync reads
+    those sums and feeds the two-batch estimator (McCandlish App. A.1) with ``b`` = the microbatch size and
+    ``B = k·b``:
+
+    .. math::
+        |G_b|^2 = \operatorname{mean}_j |g_j|^2, \qquad |G_B|^2 = |\bar g|^2, \qquad
+        B_{simple} = tr(Σ)/|G|^2
+
+    Then, if a scaling ``rule`` is set, every group's learning rate is multiplied by ``lr_scale`` for the batch
+    actually used, the wrapped optimizer steps, and the user's learning rate is restored, so schedulers and loops
+    that write ``group["lr"]`` keep working:
+
+    .. math::
+        lr = lr_{user} \cdot f(B)/f(B_{ref}), \quad f_{SGD}(B) = \frac{1}{1+B_{noise}/B}, \quad
+        f_{Adam}(B) = \frac{1}{\sqrt{B_{noise}/B}+\sqrt{B/B_{noise}}}
+
+    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own objects.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (LBFGS excepted: it re-evaluates its closure).
+        microbatch_size: examples in one backward call on one rank, in the unit you count batches in (samples, or
+            tokens for language models). Set :attr:`microbatch_size` before a backward when it changes (the last
+            batch of an epoch). The step's batch is the sum over its microbatches (and ranks).
+        rule: ``None`` to observe only (default), ``"noise"`` for the noise-aware law, ``"linear"`` or ``"sqrt"``.
+        ref_batch: batch size at which the user's learning rate is right (default: the first step's batch).
+        ref_lr: learning rate tuned at ``ref_batch``, used to report ``optimal_lr`` (default: the first group's lr).
+        law: ``"sgd"`` or ``"adam"``, which optimal-LR law applies (default: from the optimizer's class).
+        beta: per-step smoothing of the estimator at the reference batch (default: 0.99, ~100 steps).
+        loss_reduction: ``"mean"`` if each microbatch loss is divided by the number of microbatches (nanoGPT's
+            ``loss / accum``), ``"sum"`` if not (default: ``"mean"``). Only the absolute ``grad_sq`` and
+            ``trace_sigma`` depend on it; the noise scale does not.
+        grad_scaler: the ``torch.amp.GradScaler`` in use, if any, so absolute values are reported unscaled (the
+            noise scale is correct without it).
+        named_parameters: the model's ``named_parameters()``, to break the noise scale down by module in
+            :attr:`stats` (``layer/<module>/noise_scale``).
+        scale_adam_hparams: with a rule and an Adam-type optimizer, also rescale β1, β2 and eps by the square-root
+            rule (Malladi) for the batch used (default: False).
+        per_coordinate: also measure per-coordinate gradient statistics (Surge's SNR diagnostics and the
+            Adam-preconditioned noise scale); costs one float32 buffer per parameter (default: False).
+        controller: a :class:`bscale.BatchSizeController` deciding the next batch size from the readings.
+        loggers: objects with ``log(stats, step)``; called every ``log_every`` steps (default: 10).
+        process_group: the data-parallel group under ``torch.distributed`` (default: the world, when initialised).
+        bucket_mb: how many MiB of microbatch gradients are gathered before one fused launch (default: 32).
+        backend: kernel backend, ``None`` to choose from the device (default), ``"torch"`` or ``"triton"``.
+
+    Under ``torch.distributed``, one all-reduce of a few scalars per step runs over ``process_group`` inside
+    ``step()``; every rank then holds identical readings and applies the identical learning-rate scale.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        microbatch_size: float,
+        *,
+        rule: str | None = None,
+        ref_batch: float | None = None,
+        ref_lr: float | None = None,
+        law: str | None = None,
+        beta: float = 0.99,
+        loss_reduction: str = "mean",
+        grad_scaler: Any = None,
+        named_parameters: Iterable[tuple[str, torch.nn.Parameter]] | None = None,
+        scale_adam_hparams: bool = False,
+        per_coordinate: bool = False,
+        controller: Any = None,
+        loggers: Sequence[Any] = (),
+        log_every: int = 10,
+        process_group: Any = None,
+        bucket_mb: float = 32.0,
+        backend: str | None = None,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise ValueError(f"bscale.wrap needs a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
+        if isinstance(optimizer, ScaledOptimizer):
+            raise ValueError("this optimizer is already wrapped by bscale; wrap the inner optimizer once")
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError("LBFGS re-evaluates its closure several times per step; bscale cannot attribute "
+                             "microbatches there: wrap a first-order optimizer instead")
+        _check_positive("microbatch_size", microbatch_size)
+        if rule is not None and rule not in _RULES:
+            raise ValueError(f"Invalid rule: {rule!r}; choose one of {_RULES} or None to observe only")
+        if law is not None and law not in _LAWS:
+            raise ValueError(f"Invalid law: {law!r}; choose 'sgd' or 'adam'")
+        if ref_batch is not None:
+            _check_positive("ref_batch", ref_batch)
+        if ref_lr is not None:
+            _check_positive("ref_lr", ref_lr)
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"Invalid loss_reduction: {loss_reduction!r}; use 'mean' (loss / accum) or 'sum'")
+        if not (isinstance(log_every, int) and log_every > 0):
+            raise ValueError(f"Invalid log_every: {log_every!r}; it must be a positive integer")
+        _check_positive("bucket_mb", bucket_mb)
+        # Optimizer.__init__ would rebuild param_groups: set up the hook tables and step patching ourselves.
+        self.optimizer = optimizer
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+
+        self.microbatch_size = microbatch_size
+        self.rule = rule
+        self.law = law or _infer_law(optimizer)
+        self.ref_batch = None if ref_batch is None else float(ref_batch)
+        self.ref_lr = ref_lr
+        self.loss_reduction = loss_reduction
+        self.grad_scaler = grad_scaler
+        self.scale_adam_hparams = scale_adam_hparams
+        self.per_coordinate = per_coordinate
+        self.controller = controller
+        self.loggers = list(loggers)
+        self.log_every = log_every
+        self.backend = backend
+        self._bucket_bytes = int(bucket_mb * 2**20)
+        self.estimator = NoiseScaleEstimator(beta)
+
+        from .distributed import DataParallel  # local import: distributed.py imports nothing from here
+
+        self._dp = DataParallel(process_group)
+        self._params: list[torch.Tensor] = []
+        self._slot: dict[torch.Tensor, int] = {}
+        self._hook_handles: list[Any] = []
+        self._names: list[str] = []
+        self._layer_of_slot: list[int] = []
+        self._layers: list[str] = []
+        self._layer_estimators: dict[str, NoiseScaleEstimator] = {}
+        names = {p: n for n, p in named_parameters} if named_parameters is not None else None
+        self._param_names = names
+        for group in optimizer.param_groups:
+            self._register(group["params"])
+
+        self.steps = 0
+        self.examples = 0.0
+        self._stats: dict[str, float] = {}
+        self._warned_one_microbatch = False
+        self._last_batch = math.nan
+        self._last_lr_scale = 1.0
+        self._reset_step_stats()
+
+    # ---- the torch.optim contract ---------------------------------------------------------------------------------
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler hands fused optimizers `grad_scale`/`found_inf` instead of unscaling: forward them (step()).
+        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer; its parameters are measured from the next backward on."""
+        self.optimizer.add_param_group(param_group)
+        self._register(self.optimizer.param_groups[-1]["params"])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the wrapped optimizer's gradients and discard the statistics of a step that was not taken."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._reset_step_stats()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict plus a ``"bscale"`` entry with the estimator and counters.
+
+        A bare optimizer of the same type loads it unchanged (the extra key is ignored).
+        """
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        sd = self.optimizer.state_dict()
+        sd["bscale"] = {
+            "estimator": self.estimator.state_dict(),
+            "layers": {k: v.state_dict() for k, v in self._layer_estimators.items()},
+            "steps": self.steps,
+            "examples": self.examples,
+            "ref_batch": self.ref_batch,
+            "ref_lr": self.ref_lr,
+            "warned_one_microbatch": self._warned_one_microbatch,
+            "controller": None if self.controller is None else self.controller.state_dict(),
+        }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, sd)
+            if out is not None:
+                sd = out
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by this wrapper (or by the bare optimizer: then the estimator starts fresh)."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        state_dict = dict(state_dict)
+        ours = state_dict.pop("bscale", None)
+        self.optimizer.load_state_dict(state_dict)
+        if ours is not None:
+            self.estimator.load_state_dict(ours["estimator"])
+            self._layer_estimators = {}
+            for name, st in ours.get("layers", {}).items():
+                est = NoiseScaleEstimator(self.estimator.beta)
+                est.load_state_dict(st)
+                self._layer_estimators[name] = est
+            self.steps = ours["steps"]
+            self.examples = ours["examples"]
+            self.ref_batch = ours["ref_batch"]
+            self.ref_lr = ours["ref_lr"]
+            self._warned_one_microbatch = ours.get("warned_one_microbatch", False)
+            if self.controller is not None and ours.get("controller") is not None:
+                self.controller.load_state_dict(ours["controller"])
+        self._reset_step_stats()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def __repr__(self) -> str:
+        return f"bscale.{type(self).__name__}({self.optimizer!r}, rule={self.rule!r}, law={self.law!r})"
+
+    # ---- capture during backward ----------------------------------------------------------------------------------
+
+    def _register(self, params: Iterable[torch.Tensor]) -> None:
+        for p in params:
+            if not p.requires_grad or p in self._slot:
+                continue
+            slot = len(self._params)
+            self._params.append(p)
+            self._slot[p] = slot
+            name = self._param_names.get(p, f"param{slot}") if self._param_names is not None else f"param{slot}"
+            self._names.append(name)
+            layer = name.rsplit(".", 1)[0] if "." in name else name
+            if layer not in self._layers:
+                self._layers.append(layer)
+            self._layer_of_slot.append(self._layers.index(layer))
+            self._hook_handles.append(self._dp.register_grad_hook(p, self._make_hook(slot)))
+        self._slots_cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def _make_hook(self, slot: int) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            self._on_grad(grad, slot)
+
+        return hook
+
+    def _on_grad(self, grad: torch.Tensor, slot: int) -> None:
+        if not self._in_backward:
+            self._in_backward = True
+            # Runs once when this backward finishes, before DDP's own end-of-backward work (queued later).
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        # A detached alias keeps AccumulateGrad free to adopt the gradient as .grad without a copy.
+        g = grad.detach()
+        self._pending.append(g)
+        self._pending_slots.append(slot)
+        self._pending_bytes += g.numel() * g.element_size()
+        if self._pending_bytes >= self._bucket_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        device = self._pending[0].device
+        if self._small is None or self._small.device != device:
+            self._small = torch.zeros(len(self._params), dtype=torch.float32, device=device)
+        coord = None
+        if self.per_coordinate:
+            coord = [self._coord_buffer(s, g) for s, g in zip(self._pending_slots, self._pending)]
+        accumulate_sq_norms(self._pending, self._small, self._slots_tensor(self._pending_slots, device),
+                            coord_sq=coord, backend=self.backend)
+        self._pending, self._pending_slots, self._pending_bytes = [], [], 0
+
+    def _slots_tensor(self, slots: list[int], device: torch.device) -> torch.Tensor:
+        key = (*slots, -1, device.index or 0) if device.type != "cpu" else tuple(slots)
+        t = self._slots_cache.get(key)
+        if t is None:
+            t = torch.tensor(slots, dtype=torch.int64, device=device)
+            self._slots_cache[key] = t
+        return t
+
+    def _coord_buffer(self, slot: int, g: torch.Tensor) -> torch.Tensor:
+        buf = self._coord_sq.get(slot)
+        if buf is None:
+            buf = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+            self._coord_sq[slot] = buf
+        return buf
+
+    def _end_backward(self) -> None:
+        self._flush()
+        self._in_backward = False
+        self._sizes.append(float(self.microbatch_size))
+        # Queued from inside a callback, this one runs after every callback already queued (DDP's gradient
+        # synchronisation among them), so it sees the averaged .grad, still unclipped and unscaled.
+        torch.autograd.Variable._execution_engine.queue_callback(self._read_accumulated)
+
+    def _read_accumulated(self) -> None:
+        grads, slots = [], []
+        for p in self._params:
+            g = self._dp.local_grad(p)
+            if g is not None:
+                grads.append(g)
+                slots.append(self._slot[p])
+        if not grads:
+            self._big = None
+            return
+        device = grads[0].device
+        big = torch.zeros(len(self._params), dtype=torch.float32, device=device)
+        accumulate_sq_norms(grads, big, self._slots_tensor(slots, device), backend=self.backend)
+        self._big = big
+        self._local_microbatches = self._dp.local_microbatches(len(self._sizes))
+
+    def _reset_step_stats(self) -> None:
+        self._pending: list[torch.Tensor] = []
+        self._pending_slots: list[int] = []
+        self._pending_bytes = 0
+        self._in_backward = False
+        self._sizes: list[float] = []
+        self._small: torch.Tensor | None = None
+        self._big: torch.Tensor | None = None
+        self._local_microbatches = 0
+        if not hasattr(self, "_coord_sq"):
+            self._coord_sq: dict[int, torch.Tensor] = {}
+        for buf in self._coord_sq.values():
+            buf.zero_()
+
+    # ---- the step -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Read this step's statistics, update the estimator, then step the wrapped optimizer with scaled LRs.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (its backward counts as one microbatch).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batch = self._update_estimates()
+        scale = self._lr_scale(batch)
+        self._last_lr_scale = scale
+        saved = self._apply_scaling(scale, batch)
+        fused_amp = hasattr(self, "grad_scale")
+        if fused_amp:
+            self.optimizer.grad_scale = self.grad_scale
+            self.optimizer.found_inf = self.found_inf
+        try:
+            self.optimizer.step()
+        finally:
+            if fused_amp:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+            self._restore(saved)
+        self.steps += 1
+        self._finish_stats(batch, scale)
+        if self.controller is not None:
+            self.controller.observe(self._stats)
+        if self.loggers and self.steps % self.log_every == 0:
+            for logger in self.loggers:
+                logger.log(self._stats, self.steps)
+        self._reset_step_stats()
+        return loss
+
+    def _scaler_scale(self) -> torch.Tensor | float:
+        """The loss scale the captured gradients carry (GradScaler), as a device tensor when possible."""
+        if hasattr(self, "grad_scale") and self.grad_scale is not None:
+            return self.grad_scale
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            getter = getattr(self.grad_scaler, "_get_scale_async", None)
+            s = getter() if getter is not None else None
+            return s if s is not None else self.grad_scaler.get_scale()
+        return 1.0
+
+    def _update_estimates(self) -> float:
+        """Consume the step's sums (one host sync), update the estimators; return the step's global batch size."""
+        k_local = len(self._sizes)
+        if k_local == 0 or self._small is None or self._big is None:
+            # No backward since the last step: nothing to measure; the batch is unknown, keep the previous one.
+            return self._last_batch
+        inv_sizes = math.fsum(1.0 / s for s in self._sizes)
+        device = self._small.device
+        found_inf = getattr(self, "found_inf", None)
+        scale = self._scaler_scale()
+        scalars = [self._small.sum(), self._big.sum(),
+                   torch.as_tensor(0.0 if found_inf is None else found_inf, device=device, dtype=torch.float32)
+                   .reshape(()).float(),
+                   torch.as_tensor(scale, device=device, dtype=torch.float32).reshape(()).float()]
+        per_layer = self._param_names is not None
+        packed = torch.stack(scalars)
+        if per_layer:
+            idx = torch.tensor(self._layer_of_slot, device=device)
+            lay_small = torch.zeros(len(self._layers), device=device).index_add_(0, idx, self._small)
+            lay_big = torch.zeros(len(self._layers), device=device).index_add_(0, idx, self._big)
+            packed = torch.cat([packed, lay_small, lay_big])
+        coord = self._coordinate_stats(k_local) if self.per_coordinate else None
+        if coord is not None:
+            packed = torch.cat([packed, coord])
+        # Cross-rank: sums of microbatch statistics and counts; identical on every rank afterwards.
+        reduced = self._dp.reduce_step(packed, k_local=k_local, inv_sizes=inv_sizes, big_slice=slice(1, 2),
+                                       layer_big_slice=slice(4 + len(self._layers), 4 + 2 * len(self._layers))
+                                       if per_layer else None)
+        values = reduced["values"].tolist()  # the one host sync of the step
+        k, inv_sizes_total, k_local_for_mean = reduced["microbatches"], reduced["inv_sizes"], k_local
+        b = k / inv_sizes_total  # harmonic mean of the microbatch sizes (MATH.md sec. 2)
+        B = k * b
+        small_sum, big_sum, inf_flag, loss_scale = values[:4]
+        self._last_batch = B
+        if inf_flag > 0 or not (math.isfinite(small_sum) and math.isfinite(big_sum)) or loss_scale == 0:
+            self._skipped_reason = "non-finite gradients in this step (skipped by the estimator)"
+            return B
+        self._skipped_reason = None
+        # Units: hooks see c·g_j, .grad holds c·k_local·ḡ, c = loss scale × (1/k_local if the loss is a mean).
+        c = loss_scale * (1.0 / k_local_for_mean if self.loss_reduction == "mean" else 1.0)
+        to_true = 1.0 / (c * c)
+        self._raw_small = small_sum / k * to_true
+        self._raw_big = big_sum / (k_local_for_mean**2) * to_true
+        if k < 2:
+            self._warn_one_microbatch()
+            return B
+        self.estimator.update(self._raw_small, self._raw_big, b, B)
+        if per_layer:
+            L = len(self._layers)
+            for i, name in enumerate(self._layers):
+                s, g = values[4 + i], values[4 + L + i]
+                est = self._layer_estimators.setdefault(name, NoiseScaleEstimator(self.estimator.beta,
+                                                                                  ref_batch=self.estimator.ref_batch))
+                est.update(s / k * to_true, g / k_local_for_mean**2 * to_true, b, B)
+        if coord is not None:
+            base = 4 + (2 * len(self._layers) if per_layer else 0)
+            self._record_coordinate_stats(values[base:], k, b, B)
+        return B
+
+    def _warn_one_microbatch(self) -> None:
+        if not self._warned_one_microbatch:
+            self._warned_one_microbatch = True
+            warnings.warn(
+                "bscale: one microbatch per step in one process gives no second batch size to compare, so the "
+                "noise scale cannot be estimated. Accumulate 2 or more microbatches per step (call backward() on "
+                "smaller pieces of the batch), or train data-parallel on 2 or more ranks. Training continues.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+    # ---- per-coordinate statistics (opt-in) -----------------------------------------------------------------------
+
+    _COORD_KEYS = ("sum_mu_sq", "sum_sigma_sq", "sum_mu_sq_over_sigma", "num_coords", "precond_small", "precond_big",
+                   "frac_small_batch")
+
+    def _coordinate_stats(self, k_local: int) -> torch.Tensor | None:
+        slots = sorted(self._coord_sq)
+        if k_local < 2 or not slots:
+            return None
+        grads, bufs, vs = [], [], []
+        for s in slots:
+            p = self._params[s]
+            g = self._dp.local_grad(p)
+            if g is None:
+                continue
+            grads.append(g)
+            bufs.append(self._coord_sq[s])
+            st = self.optimizer.state.get(p, {})
+            vs.append(st.get("exp_avg_sq"))
+        use_v = bool(vs) and all(v is not None for v in vs)
+        b = k_local / math.fsum(1.0 / s for s in self._sizes)
+        # .grad holds c·k·ḡ while the buffer holds Σ_j (c g_j)²: pass .grad as the sum S = Σ_j c g_j.
+        out = coordinate_stats(grads, bufs, k_local, b, exp_avg_sq=vs if use_v else None, backend=self.backend)
+        nan = torch.tensor(math.nan, device=grads[0].device)
+        vals = [out.get(key, nan).reshape(()).float() for key in self._COORD_KEYS]
+        hist = out["snr_hist"].float()
+        self._snr_hist_len = hist.numel()
+        return torch.cat([torch.stack(vals), hist])
+
+    def _record_coordinate_stats(self, values: list[float], k: int, b: float, B: float) -> None:
+        d = dict(zip(self._COORD_KEYS, values[: len(self._COORD_KEYS)]))
+        hist = values[len(self._COORD_KEYS):]
+        self._coord = {
+            "coord/sum_mu_sq": d["sum_mu_sq"],
+            "coord/sum_sigma_sq": d["sum_sigma_sq"],
+            "coord/sum_mu_sq_over_sigma": d["sum_mu_sq_over_sigma"],
+            "coord/frac_small_batch": d["frac_small_batch"],
+        }
+        total = sum(hist) or 1.0
+        for i, h in enumerate(hist):
+            self._coord[f"coord/snr_hist/{i}"] = h / total
+        if math.isfinite(d["precond_small"]) and self._dp.world_size == 1:
+            est = self._layer_estimators.setdefault("__adam_preconditioned__",
+                                                    NoiseScaleEstimator(self.estimator.beta,
+                                                                        ref_batch=self.estimator.ref_batch))
+            est.update(d["precond_small"], d["precond_big"], b, B)
+
+    # ---- learning rate --------------------------------------------------------------------------------------------
+
+    def _lr_scale(self, batch: float) -> float:
+        if self.rule is None or not math.isfinite(batch):
+            return 1.0
+        if self.ref_batch is None:
+            self.ref_batch = batch
+        return laws.lr_scale(batch, self.ref_batch, self.estimator.noise_scale, rule=self.rule, optimizer=self.law)
+
+    def _apply_scaling(self, scale: float, batch: float) -> list[dict[str, Any]]:
+        saved = []
+        hparams = None
+        if self.rule is not None and self.scale_adam_hparams and self.law == "adam" and math.isfinite(batch):
+            kappa = batch / self.ref_batch
+            if kappa != 1.0:
+                hparams = kappa
+        for group in self.param_groups:
+            keep = {"lr": group["lr"]}
+            lr = group["lr"]
+            group["lr"] = lr * scale if not isinstance(lr, torch.Tensor) else lr * scale
+            if hparams is not None and "betas" in group:
+                keep["betas"], keep["eps"] = group["betas"], group["eps"]
+                try:
+                    h = laws.sqrt_rule(hparams, 1.0, betas=tuple(group["betas"]), eps=group["eps"])
+                except ValueError as e:
+                    group.update(keep)
+                    raise RuntimeError(f"bscale: cannot rescale Adam's betas for this batch ({e}); pass "
+                                       "scale_adam_hparams=False or a larger ref_batch") from e
+                group["betas"], group["eps"] = h.betas, h.eps
+            saved.append(keep)
+        return saved
+
+    def _restore(self, saved: list[dict[str, Any]]) -> None:
+        for group, keep in zip(self.param_groups, saved):
+            group.update(keep)
+
+    # ---- readings -------------------------------------------------------------------------------------------------
+
+    def _finish_stats(self, batch: float, scale: float) -> None:
+        if math.isfinite(batch):
+            self.examples += batch
+        r = self.estimator.reading()
+        stats = r.as_dict()
+        stats.pop("steps", None)
+        stats.pop("examples", None)
+        first_lr = self.param_groups[0]["lr"]
+        first_lr = float(first_lr) if not isinstance(first_lr, torch.Tensor) else float(first_lr.item())
+        ref_lr = self.ref_lr if self.ref_lr is not None else first_lr
+        B_noise = r.noise_scale
+        ref_batch = self.ref_batch if self.ref_batch is not None else batch
+        if B_noise and math.isfinite(batch) and B_noise > 0:
+            opt = ref_lr * laws.lr_scale(batch, ref_batch, B_noise, rule="noise", optimizer=self.law)
+            peak = laws.peak_batch(B_noise, optimizer=self.law)
+        else:
+            opt, peak = math.nan, math.nan
+        raw = self.estimator.raw
+        stats.update(
+            batch_size=batch,
+            microbatches=float(len(self._sizes) * self._dp.world_size),
+            examples=self.examples,
+            steps=float(self.steps),
+            lr_scale=scale,
+            lr=first_lr * scale,
+            optimal_lr=opt,
+            peak_batch=peak,
+            balance_batch=B_noise if B_noise is not None else math.nan,
+            step_grad_sq=raw["last_grad_sq"],
+            step_trace_sigma=raw["last_trace_sigma"],
+        )
+        for name, est in self._layer_estimators.items():
+            rr = est.reading()
+            key = "adam_preconditioned" if name == "__adam_preconditioned__" else f"layer/{name}"
+            stats[f"{key}/noise_scale"] = math.nan if rr.noise_scale is None else rr.noise_scale
+            stats[f"{key}/noise_scale_stderr"] = math.nan if rr.noise_scale_stderr is None else rr.noise_scale_stderr
+        stats.update(getattr(self, "_coord", {}))
+        self._stats = stats
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """The latest readings as floats (``nan`` where not available yet). Keys include ``noise_scale``,
+        ``noise_scale_stderr``, ``grad_sq``, ``trace_sigma`` (unscaled, per-example units), ``batch_size``,
+        ``examples``, ``steps``, ``lr_scale``, ``lr``, ``optimal_lr``, ``peak_batch`` (Adam's surge peak, or inf for
+        SGD) and ``balance_batch`` (B_noise, where steps and examples trade evenly)."""
+        return dict(self._stats)
+
+    @property
+    def noise_scale(self) -> float | None:
+        """Smoothed ``B_simple`` in the user's example unit, or ``None`` until it can be estimated."""
+        return self.estimator.noise_scale
+
+    @property
+    def reason(self) -> str | None:
+        """Why :attr:`noise_scale` is ``None`` (or ``None`` when there is a reading)."""
+        if self._warned_one_microbatch and self.estimator.steps == 0:
+            return "one microbatch per step in one process: accumulate 2 or more, or train data-parallel"
+        return self.estimator.reading().reason
+
+    @property
+    def batch_size(self) -> int | None:
+        """The batch size for the next step: the controller's decision, else the last step's batch."""
+        if self.controller is not None:
+            return self.controller.batch_size
+        return None if not math.isfinite(self._last_batch) else int(round(self._last_batch))
+
+    def accumulation_steps(self, world_size: int | None = None) -> int:
+        """Microbatches per rank for the next step under the controller (``ceil(batch / (microbatch × world))``)."""
+        if self.controller is None:
+            raise RuntimeError("accumulation_steps() needs a controller: wrap(..., controller=BatchSizeController(...))")
+        world = self._dp.world_size if world_size is None else world_size
+        return self.controller.accumulation_steps(self.microbatch_size, world)
+
+    def remove_hooks(self) -> None:
+        """Detach every gradient hook (the wrapper then only steps the optimizer)."""
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles.clear()
+
+
+def wrap(optimizer: Optimizer, microbatch_size: float, **kwargs: Any) -> ScaledOptimizer:
+    """Wrap ``optimizer`` so it measures the noise scale live; see :class:`ScaledOptimizer` for the arguments.
+
+    Example::
+
+        opt = bscale.wrap(torch.optim.AdamW(model.parameters(), lr=3e-4), microbatch_size=32)
+        for x, y in batches:                 # the loop is unchanged
+            for xm, ym in zip(x.chunk(4), y.chunk(4)):
+                (loss_fn(model(xm), ym) / 4).backward()
+            opt.step()
+            opt.zero_grad()
+        opt.noise_scale, opt.stats["optimal_lr"]
+    """
+    return ScaledOptimizer(optimizer, microbatch_size, **kwargs)
