@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
+import os
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -19,6 +22,7 @@ __all__ = ["ScaledOptimizer", "wrap"]
 
 _RULES = ("noise", "linear", "sqrt")
 _LAWS = ("sgd", "adam")
+_BACKENDS = ("auto", "torch", "triton")
 _ADAM_LIKE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adafactor", "RMSprop", "Adagrad", "SparseAdam")
 
 
@@ -27,13 +31,35 @@ def _infer_law(optimizer: Optimizer) -> str:
     return "adam" if type(optimizer).__name__ in _ADAM_LIKE else "sgd"
 
 
-def _check_positive(name: str, value: Any, integer: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+# Frames under these folders are not the user's: a warning is attributed to the first frame outside them.
+_INTERNAL_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(torch.__file__) + os.sep,
+)
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` made by the caller of this function that names the user's line.
+
+    A fixed number would point into torch (``step`` runs under ``torch.no_grad``'s decorator, the optimizer's
+    profiling wrapper and possibly an LR scheduler's wrapper, each adding a frame).
+    """
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _check_positive(name: str, value: Any, integer: bool = False, unit: str = "examples") -> None:
+    # numbers.Real admits numpy scalars (a size read from an array); bool is excluded: True is no size.
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and value > 0
     if integer:
         ok = ok and float(value).is_integer()
     if not ok:
-        kind = "a positive integer" if integer else "a positive number"
-        raise ValueError(f"Invalid {name}: {value!r}; it must be {kind} of examples")
+        kind = "a positive integer" if integer else "a positive, finite number"
+        raise ValueError(f"Invalid {name}: {value!r}; it must be {kind}" + (f" of {unit}" if unit else ""))
 
 
 class ScaledOptimizer(Optimizer):
@@ -73,8 +99,11 @@ class ScaledOptimizer(Optimizer):
         loss_reduction: ``"mean"`` if each microbatch loss is divided by the number of microbatches (nanoGPT's
             ``loss / accum``), ``"sum"`` if not (default: ``"mean"``). Only the absolute ``grad_sq`` and
             ``trace_sigma`` depend on it; the noise scale does not.
-        grad_scaler: the ``torch.amp.GradScaler`` in use, if any, so absolute values are reported unscaled (the
-            noise scale is correct without it).
+        grad_scaler: the ``torch.amp.GradScaler`` in use, if any, so readings are in unscaled units. Pass it
+            whenever one is used: its scale changes during training (it grows every ``growth_interval``
+            steps and halves after an overflow), and without it the averages mix steps taken at different
+            scales, which biases the noise scale too. (A fused optimizer is handed the scale by
+            ``GradScaler.step``.)
         named_parameters: the model's ``named_parameters()``, to break the noise scale down by module in
             :attr:`stats` (``layer/<module>/noise_scale``).
         scale_adam_hparams: with a rule and an Adam-type optimizer, also rescale β1, β2 and eps by the square-root
@@ -84,6 +113,9 @@ class ScaledOptimizer(Optimizer):
         controller: a :class:`bscale.BatchSizeController` deciding the next batch size from the readings.
         loggers: objects with ``log(stats, step)``; called every ``log_every`` steps (default: 10).
         process_group: the data-parallel group under ``torch.distributed`` (default: the world, when initialised).
+        debug: under ``torch.distributed``, check after every step that all ranks hold identical readings and that
+            the step's gradient was synchronised; ``RuntimeError`` names what differs (default: False; one more
+            all-reduce of a few scalars per step).
         bucket_mb: how many MiB of microbatch gradients are gathered before one fused launch (default: 32).
         backend: kernel backend, ``None`` to choose from the device (default), ``"torch"`` or ``"triton"``.
 
@@ -110,6 +142,7 @@ class ScaledOptimizer(Optimizer):
         loggers: Sequence[Any] = (),
         log_every: int = 10,
         process_group: Any = None,
+        debug: bool = False,
         bucket_mb: float = 32.0,
         backend: str | None = None,
     ) -> None:
@@ -128,12 +161,39 @@ class ScaledOptimizer(Optimizer):
         if ref_batch is not None:
             _check_positive("ref_batch", ref_batch)
         if ref_lr is not None:
-            _check_positive("ref_lr", ref_lr)
+            _check_positive("ref_lr", ref_lr, unit="")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"Invalid loss_reduction: {loss_reduction!r}; use 'mean' (loss / accum) or 'sum'")
-        if not (isinstance(log_every, int) and log_every > 0):
+        if isinstance(log_every, bool) or not (isinstance(log_every, int) and log_every > 0):
             raise ValueError(f"Invalid log_every: {log_every!r}; it must be a positive integer")
-        _check_positive("bucket_mb", bucket_mb)
+        _check_positive("bucket_mb", bucket_mb, unit="MiB")
+        if backend is not None and (not isinstance(backend, str) or backend.strip().lower() not in _BACKENDS):
+            # Checked here: the kernels would raise it from a gradient hook, in the middle of a backward.
+            raise ValueError(f"Invalid backend: {backend!r}; use None (choose from the device) or one of "
+                             f"{_BACKENDS}")
+        if scale_adam_hparams and rule is None:
+            raise ValueError("scale_adam_hparams=True rescales betas and eps along with the learning rate: "
+                             "pass a rule ('noise', 'linear' or 'sqrt'), or drop scale_adam_hparams")
+        if scale_adam_hparams and "betas" not in optimizer.defaults:
+            raise ValueError(f"scale_adam_hparams=True needs an optimizer with betas (Adam, AdamW, ...); "
+                             f"{type(optimizer).__name__} has none: drop scale_adam_hparams")
+        if grad_scaler is not None and not all(hasattr(grad_scaler, a) for a in ("get_scale", "is_enabled")):
+            raise ValueError(f"Invalid grad_scaler: {type(grad_scaler).__name__}; pass the "
+                             "torch.amp.GradScaler that scales the loss, or None")
+        if callable(getattr(loggers, "log", None)):
+            raise ValueError("loggers takes a sequence of loggers: pass loggers=[logger]")
+        loggers = list(loggers)
+        for logger in loggers:
+            if not callable(getattr(logger, "log", None)):
+                raise ValueError(f"Invalid logger: {type(logger).__name__} has no log(stats, step) method")
+        if named_parameters is not None:
+            named_parameters = list(named_parameters)
+            for item in named_parameters:
+                # model.parameters() by mistake would unpack a 2-row weight as a (name, tensor) pair silently.
+                if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                        and isinstance(item[1], torch.Tensor)):
+                    raise ValueError("named_parameters must yield (name, parameter) pairs: pass "
+                                     "model.named_parameters(), not model.parameters()")
         # Optimizer.__init__ would rebuild param_groups: set up the hook tables and step patching ourselves.
         self.optimizer = optimizer
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -162,7 +222,7 @@ class ScaledOptimizer(Optimizer):
 
         from .distributed import DataParallel  # local import: distributed.py imports nothing from here
 
-        self._dp = DataParallel(process_group)
+        self._dp = DataParallel(process_group, debug=debug)
         self._params: list[torch.Tensor] = []
         self._slot: dict[torch.Tensor, int] = {}
         self._hook_handles: list[Any] = []
@@ -174,6 +234,9 @@ class ScaledOptimizer(Optimizer):
         self._param_names = names
         for group in optimizer.param_groups:
             self._register(group["params"])
+        if per_coordinate and self._dp.sharded:
+            raise ValueError("per_coordinate=True needs whole gradients on every rank; FSDP2 shards them: "
+                             "pass per_coordinate=False under fully_shard")
 
         self.steps = 0
         self.examples = 0.0
@@ -181,6 +244,7 @@ class ScaledOptimizer(Optimizer):
         self._warned_one_microbatch = False
         self._last_batch = math.nan
         self._last_lr_scale = 1.0
+        self._peak_pending_bytes = 0
         self._reset_step_stats()
 
     # ---- the torch.optim contract ---------------------------------------------------------------------------------
@@ -213,6 +277,18 @@ class ScaledOptimizer(Optimizer):
     def _step_supports_amp_scaling(self) -> bool:
         # GradScaler hands fused optimizers `grad_scale`/`found_inf` instead of unscaling: forward them (step()).
         return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
+    @property
+    def microbatch_size(self) -> float:
+        """Examples in the next backward call on this rank; set it before a backward whose batch differs."""
+        return self._microbatch_size
+
+    @microbatch_size.setter
+    def microbatch_size(self, value: float) -> None:
+        # Checked when set, in the user's code: a bad size read later inside a backward callback or at step()
+        # would surface as a ZeroDivisionError far from its cause.
+        _check_positive("microbatch_size", value)
+        self._microbatch_size = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer; its parameters are measured from the next backward on."""
@@ -271,6 +347,10 @@ class ScaledOptimizer(Optimizer):
             self._warned_one_microbatch = ours.get("warned_one_microbatch", False)
             if self.controller is not None and ours.get("controller") is not None:
                 self.controller.load_state_dict(ours["controller"])
+        else:
+            # A bare optimizer's checkpoint: readings taken before the load belong to another trajectory.
+            self.estimator.reset()
+            self._layer_estimators = {}
         self._reset_step_stats()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
@@ -312,6 +392,8 @@ class ScaledOptimizer(Optimizer):
         self._pending.append(g)
         self._pending_slots.append(slot)
         self._pending_bytes += g.numel() * g.element_size()
+        if self._pending_bytes > self._peak_pending_bytes:
+            self._peak_pending_bytes = self._pending_bytes
         if self._pending_bytes >= self._bucket_bytes:
             self._flush()
 
@@ -319,7 +401,7 @@ class ScaledOptimizer(Optimizer):
         if not self._pending:
             return
         device = self._pending[0].device
-        if self._small is None or self._small.device != device:
+        if self._small is None or self._small.device != device or self._small.numel() != len(self._params):
             self._small = torch.zeros(len(self._params), dtype=torch.float32, device=device)
         coord = None
         if self.per_coordinate:
@@ -359,12 +441,15 @@ class ScaledOptimizer(Optimizer):
                 grads.append(g)
                 slots.append(self._slot[p])
         if not grads:
-            self._big = None
+            self._have_big = False
             return
         device = grads[0].device
-        big = torch.zeros(len(self._params), dtype=torch.float32, device=device)
-        accumulate_sq_norms(grads, big, self._slots_tensor(slots, device), backend=self.backend)
-        self._big = big
+        if self._big is None or self._big.device != device or self._big.numel() != len(self._params):
+            self._big = torch.zeros(len(self._params), dtype=torch.float32, device=device)
+        else:
+            self._big.zero_()
+        accumulate_sq_norms(grads, self._big, self._slots_tensor(slots, device), backend=self.backend)
+        self._have_big = True
         self._local_microbatches = self._dp.local_microbatches(len(self._sizes))
 
     def _reset_step_stats(self) -> None:
@@ -373,8 +458,14 @@ class ScaledOptimizer(Optimizer):
         self._pending_bytes = 0
         self._in_backward = False
         self._sizes: list[float] = []
-        self._small: torch.Tensor | None = None
-        self._big: torch.Tensor | None = None
+        # Persistent device buffers (one float32 per parameter tensor), zeroed rather than reallocated.
+        if getattr(self, "_small", None) is not None:
+            self._small.zero_()
+        else:
+            self._small: torch.Tensor | None = None
+        if not hasattr(self, "_big"):
+            self._big: torch.Tensor | None = None
+        self._have_big = False
         self._local_microbatches = 0
         if not hasattr(self, "_coord_sq"):
             self._coord_sq: dict[int, torch.Tensor] = {}
@@ -394,6 +485,7 @@ class ScaledOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._amp_skipped = False
         batch = self._update_estimates()
         scale = self._lr_scale(batch)
         self._last_lr_scale = scale
@@ -408,8 +500,14 @@ class ScaledOptimizer(Optimizer):
             if fused_amp:
                 del self.optimizer.grad_scale, self.optimizer.found_inf
             self._restore(saved)
+        if self._amp_skipped:
+            # GradScaler found inf/NaN: the fused optimizer left the parameters alone (a non-fused one is not
+            # stepped at all), so nothing is counted and both paths leave identical counters and readings.
+            self._reset_step_stats()
+            return loss
         self.steps += 1
         self._finish_stats(batch, scale)
+        self._dp.check_same(self._stats)  # debug=True only: every rank must hold these exact readings
         if self.controller is not None:
             self.controller.observe(self._stats)
         if self.loggers and self.steps % self.log_every == 0:
@@ -431,14 +529,18 @@ class ScaledOptimizer(Optimizer):
     def _update_estimates(self) -> float:
         """Consume the step's sums (one host sync), update the estimators; return the step's global batch size."""
         k_local = len(self._sizes)
-        if k_local == 0 or self._small is None or self._big is None:
+        self._step_microbatches = float(k_local * self._dp.world_size)
+        if k_local == 0 or self._small is None or not self._have_big:
             # No backward since the last step: nothing to measure; the batch is unknown, keep the previous one.
             return self._last_batch
         inv_sizes = math.fsum(1.0 / s for s in self._sizes)
         device = self._small.device
         found_inf = getattr(self, "found_inf", None)
         scale = self._scaler_scale()
-        scalars = [self._small.sum(), self._big.sum(),
+        # Each rank's share of the synchronised gradient's squared norm: 1/W if replicated (DDP), 1 if sharded.
+        w = self._dp.grad_weights(self._params, self._big.device)
+        big = self._big if isinstance(w, float) and w == 1.0 else self._big * w
+        scalars = [self._small.sum(), big.sum(),
                    torch.as_tensor(0.0 if found_inf is None else found_inf, device=device, dtype=torch.float32)
                    .reshape(()).float(),
                    torch.as_tensor(scale, device=device, dtype=torch.float32).reshape(()).float()]
@@ -447,21 +549,28 @@ class ScaledOptimizer(Optimizer):
         if per_layer:
             idx = torch.tensor(self._layer_of_slot, device=device)
             lay_small = torch.zeros(len(self._layers), device=device).index_add_(0, idx, self._small)
-            lay_big = torch.zeros(len(self._layers), device=device).index_add_(0, idx, self._big)
+            lay_big = torch.zeros(len(self._layers), device=device).index_add_(0, idx, big)
             packed = torch.cat([packed, lay_small, lay_big])
         coord = self._coordinate_stats(k_local) if self.per_coordinate else None
         if coord is not None:
             packed = torch.cat([packed, coord])
         # Cross-rank: sums of microbatch statistics and counts; identical on every rank afterwards.
+        # The loss scale and per-coordinate summaries are averaged over ranks, everything else summed.
+        coord_start = 4 + (2 * len(self._layers) if per_layer else 0)
         reduced = self._dp.reduce_step(packed, k_local=k_local, inv_sizes=inv_sizes, big_slice=slice(1, 2),
                                        layer_big_slice=slice(4 + len(self._layers), 4 + 2 * len(self._layers))
-                                       if per_layer else None)
+                                       if per_layer else None,
+                                       mean_slices=(slice(3, 4), slice(coord_start, packed.numel())))
         values = reduced["values"].tolist()  # the one host sync of the step
         k, inv_sizes_total, k_local_for_mean = reduced["microbatches"], reduced["inv_sizes"], k_local
+        self._step_microbatches = float(k)
+        # .grad holds c·m·ḡ: m = the local accumulation count under DDP and FSDP2 (see DataParallel).
+        m = self._local_microbatches or k_local
         b = k / inv_sizes_total  # harmonic mean of the microbatch sizes (MATH.md sec. 2)
         B = k * b
         small_sum, big_sum, inf_flag, loss_scale = values[:4]
         self._last_batch = B
+        self._amp_skipped = inf_flag > 0
         if inf_flag > 0 or not (math.isfinite(small_sum) and math.isfinite(big_sum)) or loss_scale == 0:
             self._skipped_reason = "non-finite gradients in this step (skipped by the estimator)"
             return B
@@ -470,7 +579,7 @@ class ScaledOptimizer(Optimizer):
         c = loss_scale * (1.0 / k_local_for_mean if self.loss_reduction == "mean" else 1.0)
         to_true = 1.0 / (c * c)
         self._raw_small = small_sum / k * to_true
-        self._raw_big = big_sum / (k_local_for_mean**2) * to_true
+        self._raw_big = big_sum / (m**2) * to_true
         if k < 2:
             self._warn_one_microbatch()
             return B
@@ -481,10 +590,10 @@ class ScaledOptimizer(Optimizer):
                 s, g = values[4 + i], values[4 + L + i]
                 est = self._layer_estimators.setdefault(name, NoiseScaleEstimator(self.estimator.beta,
                                                                                   ref_batch=self.estimator.ref_batch))
-                est.update(s / k * to_true, g / k_local_for_mean**2 * to_true, b, B)
+                est.update(s / k * to_true, g / m**2 * to_true, b, B)
         if coord is not None:
             base = 4 + (2 * len(self._layers) if per_layer else 0)
-            self._record_coordinate_stats(values[base:], k, b, B)
+            self._record_coordinate_stats(values[base:], k, b, B, c)
         return B
 
     def _warn_one_microbatch(self) -> None:
@@ -495,7 +604,7 @@ class ScaledOptimizer(Optimizer):
                 "noise scale cannot be estimated. Accumulate 2 or more microbatches per step (call backward() on "
                 "smaller pieces of the batch), or train data-parallel on 2 or more ranks. Training continues.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=_caller_stacklevel(),
             )
 
     # ---- per-coordinate statistics (opt-in) -----------------------------------------------------------------------
@@ -527,13 +636,14 @@ class ScaledOptimizer(Optimizer):
         self._snr_hist_len = hist.numel()
         return torch.cat([torch.stack(vals), hist])
 
-    def _record_coordinate_stats(self, values: list[float], k: int, b: float, B: float) -> None:
+    def _record_coordinate_stats(self, values: list[float], k: int, b: float, B: float, c: float) -> None:
         d = dict(zip(self._COORD_KEYS, values[: len(self._COORD_KEYS)]))
         hist = values[len(self._COORD_KEYS):]
+        # The kernels see gradients in the hooks' units (c·g): squares carry c², μ²/σ carries c.
         self._coord = {
-            "coord/sum_mu_sq": d["sum_mu_sq"],
-            "coord/sum_sigma_sq": d["sum_sigma_sq"],
-            "coord/sum_mu_sq_over_sigma": d["sum_mu_sq_over_sigma"],
+            "coord/sum_mu_sq": d["sum_mu_sq"] / (c * c),
+            "coord/sum_sigma_sq": d["sum_sigma_sq"] / (c * c),
+            "coord/sum_mu_sq_over_sigma": d["sum_mu_sq_over_sigma"] / abs(c),
             "coord/frac_small_batch": d["frac_small_batch"],
         }
         total = sum(hist) or 1.0
@@ -570,7 +680,9 @@ class ScaledOptimizer(Optimizer):
                 try:
                     h = laws.sqrt_rule(hparams, 1.0, betas=tuple(group["betas"]), eps=group["eps"])
                 except ValueError as e:
+                    # Every group goes back to the user's values, the groups already scaled included.
                     group.update(keep)
+                    self._restore(saved)
                     raise RuntimeError(f"bscale: cannot rescale Adam's betas for this batch ({e}); pass "
                                        "scale_adam_hparams=False or a larger ref_batch") from e
                 group["betas"], group["eps"] = h.betas, h.eps
@@ -592,23 +704,35 @@ class ScaledOptimizer(Optimizer):
         stats.pop("examples", None)
         first_lr = self.param_groups[0]["lr"]
         first_lr = float(first_lr) if not isinstance(first_lr, torch.Tensor) else float(first_lr.item())
-        ref_lr = self.ref_lr if self.ref_lr is not None else first_lr
+        if self.ref_lr is None:
+            # Pinned once: the LR the user tuned (a scheduler's `initial_lr`, else the first step's value), so the
+            # report does not follow a decaying schedule down to zero.
+            g0 = self.param_groups[0]
+            self.ref_lr = float(g0.get("initial_lr", first_lr))
+        ref_lr = self.ref_lr
         B_noise = r.noise_scale
+        if self.ref_batch is None and math.isfinite(batch):
+            # The documented default, also without a rule: optimal_lr is relative to the first step's batch.
+            self.ref_batch = batch
         ref_batch = self.ref_batch if self.ref_batch is not None else batch
         if B_noise and math.isfinite(batch) and B_noise > 0:
             opt = ref_lr * laws.lr_scale(batch, ref_batch, B_noise, rule="noise", optimizer=self.law)
             peak = laws.peak_batch(B_noise, optimizer=self.law)
+            # lr = 0 is a legal setting (observing only, a warmup from 0) but no reference for lr_max.
+            lr_max = (laws.lr_max_from_reference(ref_lr, ref_batch, B_noise, optimizer=self.law)
+                      if ref_lr > 0 else math.nan)
         else:
-            opt, peak = math.nan, math.nan
+            opt, peak, lr_max = math.nan, math.nan, math.nan
         raw = self.estimator.raw
         stats.update(
             batch_size=batch,
-            microbatches=float(len(self._sizes) * self._dp.world_size),
+            microbatches=getattr(self, "_step_microbatches", float(len(self._sizes) * self._dp.world_size)),
             examples=self.examples,
             steps=float(self.steps),
             lr_scale=scale,
             lr=first_lr * scale,
             optimal_lr=opt,
+            lr_max=lr_max,
             peak_batch=peak,
             balance_batch=B_noise if B_noise is not None else math.nan,
             step_grad_sq=raw["last_grad_sq"],
@@ -655,6 +779,14 @@ class ScaledOptimizer(Optimizer):
             raise RuntimeError("accumulation_steps() needs a controller: wrap(..., controller=BatchSizeController(...))")
         world = self._dp.world_size if world_size is None else world_size
         return self.controller.accumulation_steps(self.microbatch_size, world)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Memory the wrapper holds: ``persistent`` buffers (two float32 values per parameter tensor, plus one
+        float32 copy of the parameters in per-coordinate mode) and the ``transient_peak`` of microbatch gradients
+        kept alive until their bucket's fused launch (bounded by ``bucket_mb``)."""
+        persistent = sum(t.numel() * t.element_size() for t in (self._small, self._big) if t is not None)
+        persistent += sum(b.numel() * b.element_size() for b in self._coord_sq.values())
+        return {"persistent": persistent, "transient_peak": self._peak_pending_bytes}
 
     def remove_hooks(self) -> None:
         """Detach every gradient hook (the wrapper then only steps the optimizer)."""
