@@ -109,11 +109,11 @@ class CharData:
 def run_demo(
     *,
     steps: int = 300,
-    microbatch: int = 16,
-    accum: int = 4,
+    microbatch: int = 4,
+    accum: int = 2,
     lr: float = 2e-3,
     grow: bool = True,
-    max_accum: int = 32,
+    max_accum: int = 64,
     out: str | Path = "bscale-demo",
     seed: int = 0,
     threads: int | None = None,
@@ -208,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The demo's command-line options (shared by ``bscale demo`` and ``python -m bscale.demo``)."""
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
-    p.add_argument("--microbatch", type=int, default=16, help="sequences per backward (default: 16)")
-    p.add_argument("--accum", type=int, default=4, help="initial microbatches per step (default: 4)")
-    p.add_argument("--max-accum", type=int, default=32, help="largest accumulation when growing (default: 32)")
+    p.add_argument("--microbatch", type=int, default=4, help="sequences per backward (default: 4)")
+    p.add_argument("--accum", type=int, default=2, help="initial microbatches per step (default: 2)")
+    p.add_argument("--max-accum", type=int, default=64, help="largest accumulation when growing (default: 64)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate at the initial batch (default: 2e-3)")
     p.add_argument("--no-grow", action="store_true", help="keep the batch fixed (observe only)")
     p.add_argument("--out", default="bscale-demo", help="output folder for log.jsonl and noise_scale.png")

@@ -7,6 +7,7 @@ import numbers
 import os
 import sys
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable
@@ -93,7 +94,8 @@ class ScaledOptimizer(Optimizer):
             batch of an epoch). The step's batch is the sum over its microbatches (and ranks).
         rule: ``None`` to observe only (default), ``"noise"`` for the noise-aware law, ``"linear"`` or ``"sqrt"``.
         ref_batch: batch size at which the user's learning rate is right (default: the first step's batch).
-        ref_lr: learning rate tuned at ``ref_batch``, used to report ``optimal_lr`` (default: the first group's lr).
+        ref_lr: learning rate tuned at ``ref_batch``, used to report ``optimal_lr`` (default: the largest LR the
+            first group has had, so the peak of a warmup-then-decay schedule).
         law: ``"sgd"`` or ``"adam"``, which optimal-LR law applies (default: from the optimizer's class).
         beta: per-step smoothing of the estimator at the reference batch (default: 0.99, ~100 steps).
         loss_reduction: ``"mean"`` if each microbatch loss is divided by the number of microbatches (nanoGPT's
@@ -243,6 +245,7 @@ class ScaledOptimizer(Optimizer):
         self._stats: dict[str, float] = {}
         self._warned_one_microbatch = False
         self._last_batch = math.nan
+        self._ref_lr_seen = 0.0
         self._last_lr_scale = 1.0
         self._peak_pending_bytes = 0
         self._reset_step_stats()
@@ -315,6 +318,7 @@ class ScaledOptimizer(Optimizer):
             "examples": self.examples,
             "ref_batch": self.ref_batch,
             "ref_lr": self.ref_lr,
+            "ref_lr_seen": self._ref_lr_seen,
             "warned_one_microbatch": self._warned_one_microbatch,
             "controller": None if self.controller is None else self.controller.state_dict(),
         }
@@ -344,6 +348,7 @@ class ScaledOptimizer(Optimizer):
             self.examples = ours["examples"]
             self.ref_batch = ours["ref_batch"]
             self.ref_lr = ours["ref_lr"]
+            self._ref_lr_seen = ours.get("ref_lr_seen", 0.0)
             self._warned_one_microbatch = ours.get("warned_one_microbatch", False)
             if self.controller is not None and ours.get("controller") is not None:
                 self.controller.load_state_dict(ours["controller"])
@@ -377,8 +382,14 @@ class ScaledOptimizer(Optimizer):
         self._slots_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _make_hook(self, slot: int) -> Callable[[torch.Tensor], None]:
+        # A weak reference: the parameters outlive a wrapper the user dropped (a new optimizer for the same
+        # model), and a strong one would keep it alive, measuring on every backward, for as long as they live.
+        ref = weakref.ref(self)
+
         def hook(grad: torch.Tensor) -> None:
-            self._on_grad(grad, slot)
+            opt = ref()
+            if opt is not None:
+                opt._on_grad(grad, slot)
 
         return hook
 
@@ -696,20 +707,18 @@ class ScaledOptimizer(Optimizer):
     # ---- readings -------------------------------------------------------------------------------------------------
 
     def _finish_stats(self, batch: float, scale: float) -> None:
-        if math.isfinite(batch):
-            self.examples += batch
+        if self._step_microbatches > 0 and math.isfinite(batch):
+            self.examples += batch  # a step with no backward since the last one saw no new examples
         r = self.estimator.reading()
         stats = r.as_dict()
         stats.pop("steps", None)
         stats.pop("examples", None)
         first_lr = self.param_groups[0]["lr"]
         first_lr = float(first_lr) if not isinstance(first_lr, torch.Tensor) else float(first_lr.item())
-        if self.ref_lr is None:
-            # Pinned once: the LR the user tuned (a scheduler's `initial_lr`, else the first step's value), so the
-            # report does not follow a decaying schedule down to zero.
-            g0 = self.param_groups[0]
-            self.ref_lr = float(g0.get("initial_lr", first_lr))
-        ref_lr = self.ref_lr
+        # Default reference LR: the largest the user's schedule has reached (a scheduler's `initial_lr` counts), i.e.
+        # the tuned peak, so the report follows neither a warmup up from zero nor a decay down to it.
+        self._ref_lr_seen = max(self._ref_lr_seen, first_lr, float(self.param_groups[0].get("initial_lr", 0.0)))
+        ref_lr = self.ref_lr if self.ref_lr is not None else self._ref_lr_seen
         B_noise = r.noise_scale
         if self.ref_batch is None and math.isfinite(batch):
             # The documented default, also without a rule: optimal_lr is relative to the first step's batch.

@@ -1,0 +1,171 @@
+"""Squared L2 norms of many gradient tensors at once: the per-microbatch statistic of McCandlish App. A.1.
+
+The torch path here is also the CPU path in production; the Triton path (`sqnorm_triton`) is imported only
+when chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._layout import is_dense, to_device
+from .dispatch import resolve_backend
+
+
+def _check_coord_sq(tensors: Sequence[torch.Tensor], coord_sq: Sequence[torch.Tensor]) -> None:
+    if len(coord_sq) != len(tensors):
+        raise ValueError(
+            f"coord_sq has {len(coord_sq)} tensors for {len(tensors)} gradients; pass one per gradient"
+        )
+    for i, (t, c) in enumerate(zip(tensors, coord_sq, strict=True)):
+        if c.dtype != torch.float32 or c.shape != t.shape or c.device != t.device:
+            raise ValueError(
+                f"coord_sq[{i}] must be float32 of shape {tuple(t.shape)} on {t.device}, got {c.dtype} "
+                f"{tuple(c.shape)} on {c.device}; allocate it with "
+                "torch.zeros_like(param, dtype=torch.float32)"
+            )
+        if not is_dense(c):
+            raise ValueError(f"coord_sq[{i}] is a strided view; allocate it with torch.zeros_like(param)")
+
+
+def _squared_norms_torch(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """float32 vector of squared norms. `_foreach_norm` reads each tensor once and accumulates in float32
+    (it refuses to narrow float64, whose norms are taken in float64 and then rounded)."""
+    wide = [i for i, t in enumerate(tensors) if t.dtype == torch.float64]
+    if not wide:
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32)).square_()
+    norms: list[torch.Tensor | None] = [None] * len(tensors)
+    rest = [i for i, t in enumerate(tensors) if t.dtype != torch.float64]
+    for group, dtype in ((wide, None), (rest, torch.float32)):
+        if group:
+            for i, n in zip(
+                group, torch._foreach_norm([tensors[i] for i in group], 2, dtype=dtype), strict=True
+            ):
+                norms[i] = n.float()
+    return torch.stack(norms).square_()
+
+
+def _check_out_slots(
+    tensors: Sequence[torch.Tensor], out: torch.Tensor, slots: torch.Tensor | Sequence[int]
+) -> None:
+    if out.dtype != torch.float32 or out.dim() != 1 or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous 1-D float32 tensor, got {out.dtype} of shape {tuple(out.shape)}; "
+            "allocate it with torch.zeros(num_slots, dtype=torch.float32, device=...)"
+        )
+    for i, t in enumerate(tensors):
+        if t.device != out.device:
+            raise ValueError(
+                f"tensors[{i}] is on {t.device} but out is on {out.device}; move them to one device"
+            )
+    if isinstance(slots, torch.Tensor):
+        if slots.dim() != 1 or slots.numel() != len(tensors) or slots.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"slots must be a 1-D int64 tensor with one entry per tensor ({len(tensors)}), "
+                f"got {slots.dtype} "
+                f"of shape {tuple(slots.shape)}"
+            )
+        if slots.device != out.device:
+            raise ValueError(
+                f"slots is on {slots.device} but out is on {out.device}; move slots to out's device"
+            )
+    else:
+        if len(slots) != len(tensors):
+            raise ValueError(
+                f"slots has {len(slots)} entries for {len(tensors)} tensors; pass one slot per tensor"
+            )
+        n = out.numel()
+        for s in slots:
+            if not 0 <= int(s) < n:
+                raise ValueError(
+                    f"slot {s} is outside out (length {n}); allocate out with one slot per parameter"
+                )
+
+
+def accumulate_sq_norms(
+    tensors: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    slots: torch.Tensor | Sequence[int],
+    *,
+    coord_sq: Sequence[torch.Tensor] | None = None,
+    backend: str | None = None,
+) -> None:
+    r"""Add each tensor's squared L2 norm into its slot of `out`, in float32, without a host sync.
+
+    .. math::
+        \mathrm{out}[s_i] \mathrel{+}= \sum_x \mathrm{float}(t_i)_x^2, \qquad
+        \mathrm{coord\_sq}_i \mathrel{+}= \mathrm{float}(t_i)^2 \ \text{(elementwise, if given)}
+
+    Called once per microbatch on a bucket of gradients; the sums of :math:`|g_j|^2` over microbatches are the
+    "small batch" statistic of McCandlish App. A.1, and `coord_sq` accumulates :math:`\sum_j g_j^2` per
+    coordinate for :func:`coordinate_stats`.
+
+    Tensors may mix shapes and dtypes (float32, bfloat16, float16, float64) and may be non-contiguous: dense
+    layouts (transposed, channels-last) are read in place, other views are copied once. Slots may repeat
+    (their contributions add). On Triton the whole bucket is one launch; partial sums land by atomics, so the
+    last bits can vary between runs. A slot index outside `out` in a *device* `slots` tensor is not checked
+    (that would need a host sync).
+
+    Args:
+        tensors (sequence of Tensor): gradients, all on `out`'s device
+        out (Tensor): contiguous 1-D float32 accumulator, one slot per parameter
+        slots (Tensor or sequence of int): slot of each tensor; an int64 tensor on `out`'s device or ints
+        coord_sq (sequence of Tensor, optional): float32 buffers shaped like each tensor, dense (e.g. from
+            `torch.zeros_like`), updated in the same pass (default: None)
+        backend (str, optional): "auto", "torch" or "triton", see :func:`resolve_backend` (default: None)
+    """
+    tensors = list(tensors)
+    _check_out_slots(tensors, out, slots)
+    if coord_sq is not None:
+        coord_sq = list(coord_sq)
+        _check_coord_sq(tensors, coord_sq)
+    if not tensors:
+        return
+    if resolve_backend(backend, [*tensors, out]) == "triton":
+        from .sqnorm_triton import accumulate_sq_norms_triton
+
+        accumulate_sq_norms_triton(tensors, out, slots, coord_sq)
+        return
+    # Fewest bytes in eager torch: one read of each tensor; squaring the norm back costs one rounding
+    # (relative 1e-7). index_add_ adds all slots in one call.
+    squares = _squared_norms_torch(tensors)
+    if isinstance(slots, torch.Tensor):
+        index = slots
+    else:
+        index = to_device(torch.tensor([int(s) for s in slots], dtype=torch.int64), out.device)
+    out.index_add_(0, index, squares)
+    if coord_sq is not None:
+        # addcmul_ promotes a low-precision gradient to float32 before multiplying, so g*g is not rounded.
+        torch._foreach_addcmul_(coord_sq, tensors, tensors)
+
+
+def sq_norms(tensors: Sequence[torch.Tensor], *, backend: str | None = None) -> torch.Tensor:
+    r"""Squared L2 norm of each tensor, as a float32 vector on the tensors' device, without a host sync.
+
+    .. math::
+        \mathrm{result}_i = \sum_x \mathrm{float}(t_i)_x^2
+
+    Used at the end of backward on the `.grad`s: with the summed gradient :math:`k\bar g` it gives the "big
+    batch" statistic :math:`|G_B|^2` of McCandlish App. A.1. Accepts the same tensors as
+    :func:`accumulate_sq_norms`. On Triton: one launch over all tensors (after zeroing the output).
+
+    Args:
+        tensors (sequence of Tensor): tensors on one device
+        backend (str, optional): "auto", "torch" or "triton", see :func:`resolve_backend` (default: None)
+    """
+    tensors = list(tensors)
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float32)
+    device = tensors[0].device
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise ValueError(
+                f"tensors[{i}] is on {t.device}, tensors[0] on {device}; move them to one device"
+            )
+    if resolve_backend(backend, tensors) == "triton":
+        from .sqnorm_triton import sq_norms_triton
+
+        return sq_norms_triton(tensors)
+    return _squared_norms_torch(tensors)

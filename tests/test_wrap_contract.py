@@ -1,0 +1,423 @@
+"""`bscale.wrap` honours the torch.optim contract: state, steps, hooks, schedulers, checkpoints, errors."""
+
+from __future__ import annotations
+
+import gc
+import io
+import math
+import warnings
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+import bscale
+from bscale import ScaledOptimizer, wrap
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+
+
+def _data(steps: int, k: int, b: int = 4, seed: int = 1) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``steps`` lists of ``k`` microbatches of ``b`` examples (inputs 5, targets 2), reproducible."""
+    g = torch.Generator().manual_seed(seed)
+    # A learnable target, so |G|² is well above 0 and the noise scale has a reading.
+    w = torch.randn(5, 2, generator=torch.Generator().manual_seed(99))
+    out = []
+    for _ in range(steps):
+        xs = [torch.randn(b, 5, generator=g) for _ in range(k)]
+        out.append([(x, x @ w + 0.3 * torch.randn(b, 2, generator=g)) for x in xs])
+    return out
+
+
+def _backward(model: torch.nn.Module, microbatches) -> None:
+    k = len(microbatches)
+    for x, y in microbatches:
+        (((model(x) - y) ** 2).mean() / k).backward()  # nanoGPT's loss / accum
+
+
+def _train(model, opt, data) -> list[dict[str, float]]:
+    readings = []
+    for microbatches in data:
+        _backward(model, microbatches)
+        opt.step()
+        opt.zero_grad()
+        readings.append(getattr(opt, "stats", {}))  # a bare optimizer has none
+    return readings
+
+
+def _same_float(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == b
+
+
+# ---- identity and the basic calls --------------------------------------------------------------------------
+
+
+def test_is_an_optimizer_that_shares_the_wrapped_state():
+    model = _model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = wrap(inner, microbatch_size=4)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert isinstance(opt, ScaledOptimizer) and bscale.wrap is wrap
+    assert opt.optimizer is inner
+    assert opt.param_groups is inner.param_groups
+    assert opt.defaults is inner.defaults
+    _train(model, opt, _data(1, 2))
+    assert opt.state is inner.state
+    # The inner step created its state, seen through the wrapper.
+    assert set(opt.state) == set(model.parameters())
+    assert "AdamW" in repr(opt)
+
+
+def test_step_with_closure_returns_the_loss_and_counts_its_backwards():
+    model = _model()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=4)
+    (microbatches,) = _data(1, 2)
+
+    def closure():
+        opt.zero_grad()
+        total = 0.0
+        for x, y in microbatches:
+            loss = ((model(x) - y) ** 2).mean() / 2
+            loss.backward()
+            total = total + loss.detach()
+        return total
+
+    expected = closure()
+    opt.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # two backwards: no one-microbatch warning
+        out = opt.step(closure)
+    assert torch.equal(out, expected)
+    assert opt.stats["microbatches"] == 2.0
+    assert opt.stats["batch_size"] == 8.0
+
+
+def test_zero_grad_set_to_none_and_to_zero():
+    model = _model()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=4)
+    _backward(model, _data(1, 2)[0])
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in model.parameters())
+    _backward(model, _data(1, 2)[0])
+    opt.zero_grad()  # the default is set_to_none=True, as torch's
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _flat_microbatch_grads(model, microbatches, params) -> list[torch.Tensor]:
+    """Per-microbatch mean gradients of ``params`` (no wrapper involved), flattened and concatenated."""
+    out = []
+    for x, y in microbatches:
+        grads = torch.autograd.grad(((model(x) - y) ** 2).mean(), params, allow_unused=True)
+        out.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).flatten()
+                    for p, g in zip(params, grads, strict=True)
+                ]
+            )
+        )
+    return out
+
+
+def test_add_param_group_parameters_are_measured():
+    (microbatches,) = _data(1, 4)
+    ref = _model()
+    everything = bscale.microbatch_estimates(
+        _flat_microbatch_grads(ref, microbatches, list(ref.parameters()))
+    )
+    first_only = bscale.microbatch_estimates(
+        _flat_microbatch_grads(ref, microbatches, list(ref[0].parameters()))
+    )
+    assert not math.isclose(everything.trace_sigma, first_only.trace_sigma, rel_tol=1e-2)  # the test can fail
+
+    model = _model()
+    opt = wrap(torch.optim.SGD(model[0].parameters(), lr=0.0), microbatch_size=1, beta=0.0)
+    opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.0})
+    assert len(opt.param_groups) == 2 and opt.param_groups is opt.optimizer.param_groups
+    _train(model, opt, [microbatches])
+    # microbatch_size=1: the estimates come out per microbatch, as microbatch_estimates' default sizes.
+    assert opt.estimator.last_grad_sq == pytest.approx(everything.grad_sq, rel=1e-5, abs=1e-7)
+    assert opt.estimator.last_trace_sigma == pytest.approx(everything.trace_sigma, rel=1e-5)
+
+
+def test_a_dropped_wrapper_stops_measuring():
+    model = _model()
+    old = wrap(torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=4)
+    _train(model, old, _data(1, 2))
+    alive = weakref.ref(old)
+    del old
+    gc.collect()
+    assert alive() is None  # the gradient hooks left on the parameters do not keep it alive
+    new = wrap(torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=4)
+    _train(model, new, _data(2, 3))
+    assert new.stats["microbatches"] == 3.0 and new.stats["steps"] == 2.0
+
+
+# ---- matches the bare optimizer when scaling is off --------------------------------------------------------
+
+
+def _fused_adamw_on_cpu_supported() -> bool:
+    try:
+        p = torch.zeros(2, requires_grad=True)
+        p.grad = torch.ones(2)
+        torch.optim.AdamW([p], lr=1e-2, fused=True).step()
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+_OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "adamw-foreach": lambda p: torch.optim.AdamW(p, lr=1e-2, foreach=True),
+    "adamw-forloop": lambda p: torch.optim.AdamW(p, lr=1e-2, foreach=False),
+    "adamw-fused": pytest.param(
+        lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True),
+        marks=pytest.mark.skipif(not _fused_adamw_on_cpu_supported(), reason="no fused AdamW on CPU here"),
+    ),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.5),
+    "adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("make", list(_OPTIMIZERS.values()), ids=list(_OPTIMIZERS))
+def test_wrapped_matches_bare_bitwise(make):
+    data = _data(5, 3)
+    bare_model, wrapped_model = _model(), _model()
+    bare = make(bare_model.parameters())
+    _train(bare_model, bare, data)
+    opt = wrap(make(wrapped_model.parameters()), microbatch_size=4)
+    _train(wrapped_model, opt, data)
+    for a, b in zip(bare_model.parameters(), wrapped_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert bare.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert opt.stats["steps"] == 5.0 and opt.stats["lr_scale"] == 1.0
+
+
+# ---- step hooks and LR schedulers --------------------------------------------------------------------------
+
+
+def test_step_hooks_registered_on_the_wrapper_fire():
+    model = _model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = wrap(inner, microbatch_size=4)
+    calls = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o is opt)))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o is opt)))
+    inner.register_step_pre_hook(lambda o, args, kwargs: calls.append(("inner", o is inner)))
+    _train(model, opt, _data(2, 2))
+    assert calls == [("pre", True), ("inner", True), ("post", True)] * 2
+    pre.remove()
+    post.remove()
+    _train(model, opt, _data(1, 2))
+    assert calls[-1] == ("inner", True) and len(calls) == 7
+
+
+_SCHEDULERS = {
+    "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.5**s),
+    "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.5, total_steps=6),
+    "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=6),
+}
+
+
+@pytest.mark.parametrize("make_scheduler", list(_SCHEDULERS.values()), ids=list(_SCHEDULERS))
+def test_lr_schedulers_drive_the_wrapper(make_scheduler):
+    model = _model()
+    inner = torch.optim.AdamW(model.parameters(), lr=0.1)
+    # rule="linear", batch twice ref_batch: the inner step sees 2x the scheduler's value; the user keeps it.
+    opt = wrap(inner, microbatch_size=4, rule="linear", ref_batch=4)
+    seen = []
+    inner.register_step_pre_hook(
+        lambda o, a, k: seen.append((o.param_groups[0]["lr"], o.param_groups[0]["betas"]))
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        scheduler = make_scheduler(opt)
+        for microbatches in _data(5, 2):
+            written = (opt.param_groups[0]["lr"], opt.param_groups[0]["betas"])
+            _backward(model, microbatches)
+            opt.step()
+            opt.zero_grad()
+            assert seen[-1] == (2 * written[0], written[1])
+            assert (opt.param_groups[0]["lr"], opt.param_groups[0]["betas"]) == written  # restored exactly
+            scheduler.step()
+            assert opt.param_groups[0]["lr"] == scheduler.get_last_lr()[0]
+    assert len({lr for lr, _ in seen}) > 1  # the scheduler did move the learning rate
+
+
+# ---- state dicts and checkpoints ---------------------------------------------------------------------------
+
+
+def _assert_same_optimizer_state(a: dict, b: dict) -> None:
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for i in a["state"]:
+        assert a["state"][i].keys() == b["state"][i].keys()
+        for key, value in a["state"][i].items():
+            assert torch.equal(value, b["state"][i][key])
+
+
+def test_state_dict_loads_into_bare_optimizer_and_back():
+    model = _model()
+    opt = wrap(torch.optim.Adam(model.parameters(), lr=1e-2), microbatch_size=4)
+    _train(model, opt, _data(3, 2))
+    sd = opt.state_dict()
+    assert "bscale" in sd and sd["bscale"]["steps"] == 3
+    _assert_same_optimizer_state({k: v for k, v in sd.items() if k != "bscale"}, opt.optimizer.state_dict())
+
+    bare = torch.optim.Adam(_model().parameters(), lr=1e-2)
+    bare.load_state_dict(sd)  # the extra key is ignored, as a bare optimizer's own loader does
+    _assert_same_optimizer_state(bare.state_dict(), opt.optimizer.state_dict())
+
+    other = _model(1)
+    fresh = wrap(torch.optim.Adam(other.parameters(), lr=1e-2), microbatch_size=4)
+    _train(other, fresh, _data(3, 2, seed=5))
+    fresh.load_state_dict(bare.state_dict())  # a checkpoint from before bscale: the estimator starts fresh
+    _assert_same_optimizer_state(fresh.optimizer.state_dict(), opt.optimizer.state_dict())
+    assert fresh.estimator.steps == 0 and fresh.noise_scale is None
+
+
+def test_state_dict_hooks_registered_on_the_wrapper_fire():
+    model = _model()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), microbatch_size=4)
+    calls = []
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append(("save", "bscale" in sd)))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("load", o is opt)))
+    opt.load_state_dict(opt.state_dict())
+    assert calls == [("save", True), ("load", True)]
+
+
+def _wrapped_adamw(model):
+    return wrap(
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        microbatch_size=4,
+        rule="noise",
+        ref_batch=6,
+        beta=0.8,
+        named_parameters=model.named_parameters(),
+    )
+
+
+def test_checkpoint_resume_is_bitwise():
+    data = _data(10, 3)
+    model = _model()
+    opt = _wrapped_adamw(model)
+    straight = [(r, [p.detach().clone() for p in model.parameters()]) for r in _train_each(model, opt, data)]
+
+    model = _model()
+    opt = _wrapped_adamw(model)
+    resumed = [
+        (r, [p.detach().clone() for p in model.parameters()]) for r in _train_each(model, opt, data[:5])
+    ]
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    ckpt = torch.load(buffer, map_location="cpu")
+    model = _model(seed=7)  # different initial weights: everything must come from the checkpoint
+    model.load_state_dict(ckpt["model"])
+    opt = _wrapped_adamw(model)
+    opt.load_state_dict(ckpt["opt"])
+    resumed += [
+        (r, [p.detach().clone() for p in model.parameters()]) for r in _train_each(model, opt, data[5:])
+    ]
+
+    assert any(math.isfinite(r["noise_scale"]) for r, _ in straight[5:])  # readings worth comparing
+    assert any(k.startswith("layer/") for k in straight[-1][0])
+    for (r1, p1), (r2, p2) in zip(straight, resumed, strict=True):
+        assert r1.keys() == r2.keys()
+        assert all(_same_float(r1[k], r2[k]) for k in r1), {k: (r1[k], r2[k]) for k in r1 if r1[k] != r2[k]}
+        assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
+
+
+def _train_each(model, opt, data):
+    for microbatches in data:
+        _backward(model, microbatches)
+        opt.step()
+        opt.zero_grad()
+        yield opt.stats
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+
+def _sgd():
+    return torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+
+
+def _bad_calls():
+    layer = torch.nn.Linear(3, 2)
+    sgd = _sgd()
+    return [
+        ("not an optimizer", lambda: wrap(layer, microbatch_size=4), "needs a torch.optim.Optimizer"),
+        (
+            "already wrapped",
+            lambda: wrap(wrap(_sgd(), microbatch_size=4), microbatch_size=4),
+            "already wrapped",
+        ),
+        ("lbfgs", lambda: wrap(torch.optim.LBFGS(layer.parameters()), microbatch_size=4), "LBFGS"),
+        ("microbatch 0", lambda: wrap(sgd, microbatch_size=0), "Invalid microbatch_size: 0"),
+        ("microbatch <0", lambda: wrap(sgd, microbatch_size=-2), "Invalid microbatch_size: -2"),
+        ("microbatch nan", lambda: wrap(sgd, microbatch_size=math.nan), "Invalid microbatch_size: nan"),
+        ("microbatch inf", lambda: wrap(sgd, microbatch_size=math.inf), "Invalid microbatch_size: inf"),
+        ("microbatch bool", lambda: wrap(sgd, microbatch_size=True), "Invalid microbatch_size: True"),
+        ("microbatch str", lambda: wrap(sgd, microbatch_size="32"), "Invalid microbatch_size: '32'"),
+        ("rule", lambda: wrap(sgd, microbatch_size=4, rule="Linear"), "Invalid rule: 'Linear'"),
+        ("law", lambda: wrap(sgd, microbatch_size=4, law="lamb"), "Invalid law: 'lamb'"),
+        ("ref_batch", lambda: wrap(sgd, microbatch_size=4, ref_batch=0), "Invalid ref_batch: 0"),
+        ("ref_lr", lambda: wrap(sgd, microbatch_size=4, ref_lr=-1e-3), "Invalid ref_lr: -0.001"),
+        ("beta", lambda: wrap(sgd, microbatch_size=4, beta=1.0), "Invalid beta: 1.0"),
+        (
+            "loss_reduction",
+            lambda: wrap(sgd, microbatch_size=4, loss_reduction="none"),
+            "Invalid loss_reduction",
+        ),
+        ("log_every 0", lambda: wrap(sgd, microbatch_size=4, log_every=0), "Invalid log_every: 0"),
+        ("log_every bool", lambda: wrap(sgd, microbatch_size=4, log_every=True), "Invalid log_every: True"),
+        ("bucket_mb", lambda: wrap(sgd, microbatch_size=4, bucket_mb=0), "Invalid bucket_mb: 0"),
+        ("backend", lambda: wrap(sgd, microbatch_size=4, backend="cuda"), "Invalid backend: 'cuda'"),
+        ("logger", lambda: wrap(sgd, microbatch_size=4, loggers=[object()]), "no log\\(stats, step\\)"),
+        ("grad_scaler", lambda: wrap(sgd, microbatch_size=4, grad_scaler=object()), "Invalid grad_scaler"),
+        (
+            "named_parameters",
+            lambda: wrap(
+                torch.optim.SGD(layer.parameters(), lr=0.1),
+                microbatch_size=4,
+                named_parameters=layer.parameters(),
+            ),
+            "model.named_parameters\\(\\), not model.parameters\\(\\)",
+        ),
+        (
+            "adam hparams without rule",
+            lambda: wrap(torch.optim.Adam(layer.parameters()), microbatch_size=4, scale_adam_hparams=True),
+            "pass a rule",
+        ),
+        (
+            "adam hparams on sgd",
+            lambda: wrap(sgd, microbatch_size=4, rule="sqrt", scale_adam_hparams=True),
+            "needs an optimizer with betas",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_calls(), ids=[c[0] for c in _bad_calls()])
+def test_bad_arguments_raise_value_error(case):
+    _, call, message = case
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_microbatch_size_is_checked_when_set():
+    opt = wrap(_sgd(), microbatch_size=np.int64(8))  # numpy scalars are sizes too
+    opt.microbatch_size = 3.5  # token counts need not be integers
+    assert opt.microbatch_size == 3.5
+    for bad in (0, -1, math.nan, False, None):
+        with pytest.raises(ValueError, match="Invalid microbatch_size"):
+            opt.microbatch_size = bad
+    assert opt.microbatch_size == 3.5
