@@ -115,9 +115,9 @@ class ScaledOptimizer(Optimizer):
         controller: a :class:`bscale.BatchSizeController` deciding the next batch size from the readings.
         loggers: objects with ``log(stats, step)``; called every ``log_every`` steps (default: 10).
         process_group: the data-parallel group under ``torch.distributed`` (default: the world, when initialised).
-        debug: under ``torch.distributed``, check after every step that all ranks hold identical readings and that
-            the step's gradient was synchronised; ``RuntimeError`` names what differs (default: False; one more
-            all-reduce of a few scalars per step).
+        debug: under ``torch.distributed``, check after every step that all ranks hold identical readings
+            and that the step's gradient was synchronised; ``RuntimeError`` names what differs
+            (default: False; one more all-reduce of a few scalars per step).
         bucket_mb: how many MiB of microbatch gradients are gathered before one fused launch (default: 32).
         backend: kernel backend, ``None`` to choose from the device (default), ``"torch"`` or ``"triton"``.
 
@@ -225,6 +225,9 @@ class ScaledOptimizer(Optimizer):
         from .distributed import DataParallel  # local import: distributed.py imports nothing from here
 
         self._dp = DataParallel(process_group, debug=debug)
+        if per_coordinate and self._dp.world_size > 1:
+            # The buffer holds this rank's Σ_j g_j² while .grad holds the all-reduced mean: they do not combine.
+            raise ValueError("per_coordinate=True is single-process for now; wrap without it under torch.distributed")
         self._params: list[torch.Tensor] = []
         self._slot: dict[torch.Tensor, int] = {}
         self._hook_handles: list[Any] = []
@@ -236,9 +239,6 @@ class ScaledOptimizer(Optimizer):
         self._param_names = names
         for group in optimizer.param_groups:
             self._register(group["params"])
-        if per_coordinate and self._dp.sharded:
-            raise ValueError("per_coordinate=True needs whole gradients on every rank; FSDP2 shards them: "
-                             "pass per_coordinate=False under fully_shard")
 
         self.steps = 0
         self.examples = 0.0
@@ -248,6 +248,7 @@ class ScaledOptimizer(Optimizer):
         self._ref_lr_seen = 0.0
         self._last_lr_scale = 1.0
         self._peak_pending_bytes = 0
+        self._expected_k: int | None = None
         self._reset_step_stats()
 
     # ---- the torch.optim contract ---------------------------------------------------------------------------------
@@ -440,9 +441,34 @@ class ScaledOptimizer(Optimizer):
         self._flush()
         self._in_backward = False
         self._sizes.append(float(self.microbatch_size))
-        # Queued from inside a callback, this one runs after every callback already queued (DDP's gradient
-        # synchronisation among them), so it sees the averaged .grad, still unclipped and unscaled.
-        torch.autograd.Variable._execution_engine.queue_callback(self._read_accumulated)
+        # Only the step's last backward leaves the .grad that matters, so |.grad|² is read once per step: at the
+        # backward that completes the expected accumulation count (last step's, or the controller's). Queued from
+        # inside a callback, the read runs after every callback already queued (DDP's gradient synchronisation
+        # among them), so it sees the averaged .grad, still unclipped and unscaled.
+        engine = torch.autograd.Variable._execution_engine
+        if self._expected_k is None or len(self._sizes) >= self._expected_k:
+            engine.queue_callback(self._read_accumulated)
+        else:
+            self._have_big = False
+            engine.queue_callback(self._note_versions)
+
+    def _grad_versions(self) -> list[int]:
+        out = []
+        for p in self._params:
+            g = self._dp.local_grad(p)
+            out.append(-1 if g is None else g._version)
+        return out
+
+    def _note_versions(self) -> None:
+        # In-place changes (clipping, GradScaler's unscale) bump these: step() reads .grad late only if none did.
+        self._versions = self._grad_versions()
+
+    def _read_late(self) -> bool:
+        """At step(), after fewer backwards than expected: read |.grad|² now if nothing modified it since."""
+        if self._versions is None or self._versions != self._grad_versions():
+            return False
+        self._read_accumulated()
+        return self._have_big
 
     def _read_accumulated(self) -> None:
         grads, slots = [], []
@@ -478,6 +504,7 @@ class ScaledOptimizer(Optimizer):
             self._big: torch.Tensor | None = None
         self._have_big = False
         self._local_microbatches = 0
+        self._versions: list[int] | None = None
         if not hasattr(self, "_coord_sq"):
             self._coord_sq: dict[int, torch.Tensor] = {}
         for buf in self._coord_sq.values():
@@ -521,6 +548,10 @@ class ScaledOptimizer(Optimizer):
         self._dp.check_same(self._stats)  # debug=True only: every rank must hold these exact readings
         if self.controller is not None:
             self.controller.observe(self._stats)
+            try:
+                self._expected_k = self.accumulation_steps()
+            except (RuntimeError, ValueError):
+                self._expected_k = None  # not a whole number of microbatches: read after every backward
         if self.loggers and self.steps % self.log_every == 0:
             for logger in self.loggers:
                 logger.log(self._stats, self.steps)
@@ -541,14 +572,20 @@ class ScaledOptimizer(Optimizer):
         """Consume the step's sums (one host sync), update the estimators; return the step's global batch size."""
         k_local = len(self._sizes)
         self._step_microbatches = float(k_local * self._dp.world_size)
-        if k_local == 0 or self._small is None or not self._have_big:
+        if k_local == 0 or self._small is None:
             # No backward since the last step: nothing to measure; the batch is unknown, keep the previous one.
+            return self._last_batch
+        self._expected_k = k_local  # the next step most likely accumulates as many microbatches
+        if not self._have_big and not self._read_late():
+            # Fewer backwards than expected, and .grad was modified (clipped, unscaled) before step(): its
+            # unmodified value is gone, so this one step is left out of the estimate (the next one reads in time).
+            self._skipped_reason = "the accumulation count changed and .grad was modified before step()"
             return self._last_batch
         inv_sizes = math.fsum(1.0 / s for s in self._sizes)
         device = self._small.device
         found_inf = getattr(self, "found_inf", None)
         scale = self._scaler_scale()
-        # Each rank's share of the synchronised gradient's squared norm: 1/W if replicated (DDP), 1 if sharded.
+        # Each rank's share of the synchronised gradient's squared norm: 1/W replicated (DDP), 1 sharded.
         w = self._dp.grad_weights(self._params, self._big.device)
         big = self._big if isinstance(w, float) and w == 1.0 else self._big * w
         scalars = [self._small.sum(), big.sum(),
