@@ -1,13 +1,15 @@
 r"""What crosses ranks under ``torch.distributed``, and nothing else.
 
-Data parallel training gives the two batch sizes of the estimator for free (McCandlish App. A.1): each rank's
-microbatch gradient ``g_{r,j}`` (before any reduction) is the small batch, the synchronised mean gradient over all
-``k = W·A`` microbatches (``W`` ranks × ``A`` accumulation steps) is the big one. Every rank observes
+Data parallel training gives the two batch sizes of the estimator for free (McCandlish App. A.1): each
+rank's microbatch gradient ``g_{r,j}`` (before any reduction) is the small batch, the synchronised mean
+gradient over all ``k = W·A`` microbatches (``W`` ranks × ``A`` accumulation steps) is the big one. Every rank
+observes
 
 - its own microbatch contributions ``c·g_{r,j}`` during backward (a gradient hook), and
-- the reduced accumulated gradient after backward, which DDP and FSDP2 make ``c·A·ḡ``: DDP averages the local sum
-  ``c·Σ_j g_{r,j}`` over ranks whether it synchronises once (``no_sync()`` on the first ``A − 1`` microbatches) or
-  after every microbatch (the average of sums is the sum of averages); FSDP2 does the same and keeps one shard.
+- the reduced accumulated gradient after backward, which DDP and FSDP2 make ``c·A·ḡ``: DDP averages the local
+  sum ``c·Σ_j g_{r,j}`` over ranks whether it synchronises once (``no_sync()`` on the first ``A − 1``
+  microbatches) or after every microbatch (the average of sums is the sum of averages); FSDP2 does the same
+  and keeps one shard.
 
 so only a few scalars need to cross ranks, once per step:
 
@@ -16,57 +18,76 @@ so only a few scalars need to cross ranks, once per step:
     |G_B|^2 = \frac{1}{(cA)^2}\sum_{r} w_r\, |\text{grad}_r|^2, \qquad
     b = \frac{k}{\sum_{r,j} 1/b_{r,j}}
 
-with ``w_r = 1/W`` for a replicated gradient (DDP: every rank holds the same ``.grad``) and ``w_r = 1`` for a sharded
-one (FSDP2: the shards' squared norms add up to the whole). Both sums, the counts ``Σ A_r`` and ``Σ 1/b_{r,j}``, the
-GradScaler's overflow flag and the per-layer breakdown travel in **one** ``all_reduce`` of a small float64 vector
-over the data-parallel group; every rank then computes identical readings and applies the identical learning-rate
-scale.
+with ``w_r = 1/W`` for a replicated gradient (DDP: every rank holds the same ``.grad``) and ``w_r = 1`` for
+a sharded one (FSDP2: the shards' squared norms add up to the whole). Both sums, the counts ``Σ A_r`` and
+``Σ 1/b_{r,j}``, the GradScaler's overflow flag and the per-layer breakdown travel in **one**
+``all_reduce`` of a small float64 vector over the data-parallel group; every rank then computes identical
+readings and applies the identical learning-rate scale.
 
-No DDP communication hook is installed, so a user's own hook (fp16 or bf16 compression, PowerSGD) keeps working;
-the readings then describe the gradient that hook delivers.
+No DDP communication hook is installed, so a user's own hook (fp16 or bf16 compression, PowerSGD) keeps
+working; the readings then describe the gradient that hook delivers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["DataParallel"]
 
-# Readings that must agree on every rank; `debug=True` compares them after each step (ScaledOptimizer.stats keys).
-_CHECKED = ("batch_size", "microbatches", "steps", "examples", "noise_scale", "noise_scale_stderr", "grad_sq",
-            "trace_sigma", "lr_scale", "lr")
+# Readings that must agree on every rank; `debug=True` compares them after each step (keys of `stats`).
+_CHECKED = (
+    "batch_size",
+    "microbatches",
+    "steps",
+    "examples",
+    "noise_scale",
+    "noise_scale_stderr",
+    "grad_sq",
+    "trace_sigma",
+    "lr_scale",
+    "lr",
+)
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    # DTensor is what FSDP2 (and tensor parallelism) turn parameters into; imported lazily, it is optional.
+def _dtensor_type() -> type | None:
+    # DTensor is what FSDP2 (and tensor parallelism) turn parameters into; it is optional in a torch build.
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch < 2.5 keeps it under torch.distributed._tensor
         try:
             from torch.distributed._tensor import DTensor
         except ImportError:
-            return False
-    return isinstance(t, DTensor)
+            return None
+    return DTensor
+
+
+_DTENSOR = _dtensor_type()
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return _DTENSOR is not None and isinstance(t, _DTENSOR)
 
 
 def _fsdp_params_by_sharded() -> dict[int, tuple[Any, Any, list[torch.nn.Module]]]:
     """Map ``id(sharded parameter)`` to ``(FSDPParam, FSDPParamGroup, [modules given to fully_shard])``.
 
-    FSDP2 keeps no public link from a sharded parameter to the unsharded one that autograd sees; its states are
-    found through the registry every composable API writes to (``torch.distributed._composable_state``), present
-    with this layout from torch 2.4 to at least 2.13 (``_fsdp_param_groups`` from 2.10, ``_fsdp_param_group``
-    before).
+    FSDP2 keeps no public link from a sharded parameter to the unsharded one that autograd sees; its states
+    are found through the registry every composable API writes to (``torch.distributed._composable_state``),
+    present with this layout from torch 2.4 to at least 2.13 (``_fsdp_param_groups`` in recent versions,
+    ``_fsdp_param_group`` before).
     """
     try:
         from torch.distributed._composable_state import _module_state_mapping
     except ImportError as e:  # pragma: no cover - depends on the installed torch
-        raise RuntimeError(f"bscale cannot find FSDP2's state in this torch ({torch.__version__}); "
-                           "FSDP2 support needs torch 2.4 to 2.13") from e
+        raise RuntimeError(
+            f"bscale cannot find FSDP2's state in this torch ({torch.__version__}); "
+            "FSDP2 support needs torch 2.4 to 2.13"
+        ) from e
     found: dict[int, tuple[Any, Any, list[torch.nn.Module]]] = {}
     for module, ref in list(_module_state_mapping.items()):
         state = ref()
@@ -86,17 +107,19 @@ def _fsdp_params_by_sharded() -> dict[int, tuple[Any, Any, list[torch.nn.Module]
 
 
 class _FSDPGradHook:
-    """A gradient hook on the unsharded parameter FSDP2 runs autograd on, installed once that parameter exists.
+    """A gradient hook on the unsharded parameter FSDP2 runs autograd on, installed once it exists.
 
-    FSDP2 computes gradients for a plain (unsharded) ``nn.Parameter`` it all-gathers into, then reduce-scatters them
-    into the sharded DTensor's ``.grad``; hooks on the sharded parameter never see a microbatch. The unsharded
-    parameter is created at the first forward and kept (its storage is freed and re-allocated, the object stays), so
-    a hook on it fires once per backward with this rank's full, pre-reduce-scatter microbatch gradient, with or
-    without ``set_requires_gradient_sync(False)``. Until the first forward, a forward hook on the FSDP2 modules waits
-    for it.
+    FSDP2 computes gradients for a plain (unsharded) ``nn.Parameter`` it all-gathers into, then
+    reduce-scatters them into the sharded DTensor's ``.grad``; hooks on the sharded parameter never see a
+    microbatch. The unsharded parameter is created at the first forward and kept (its storage is freed and
+    re-allocated, the object stays), so a hook on it fires once per backward with this rank's full,
+    pre-reduce-scatter microbatch gradient, with or without ``set_requires_gradient_sync(False)``. Until the
+    first forward, a forward hook on the FSDP2 modules waits for it.
     """
 
-    def __init__(self, fsdp_param: Any, modules: Sequence[torch.nn.Module], fn: Callable[[torch.Tensor], None]):
+    def __init__(
+        self, fsdp_param: Any, modules: Sequence[torch.nn.Module], fn: Callable[[torch.Tensor], None]
+    ):
         self._fsdp_param = fsdp_param
         self._fn = fn
         self._tensor_handle: Any = None
@@ -121,7 +144,7 @@ class _FSDPGradHook:
         self._forward_handles = []
 
     def _on_grad(self, grad: torch.Tensor) -> None:
-        # With tensor parallelism the unsharded parameter is itself a DTensor: measure this rank's part of it.
+        # Under tensor parallelism the unsharded parameter is itself a DTensor: measure this rank's part.
         self._fn(grad.to_local() if _is_dtensor(grad) else grad)
 
     def remove(self) -> None:
@@ -132,21 +155,21 @@ class _FSDPGradHook:
 
 
 class DataParallel:
-    r"""The data-parallel view of one process: where gradients are observed and how step statistics are reduced.
+    r"""The data-parallel view of one process: where gradients are observed, how step statistics are reduced.
 
-    Detects what manages each parameter: a plain tensor is observed with a tensor hook (single process, or DDP, where
-    the hook sees the local gradient before DDP's all-reduce); a DTensor parameter managed by FSDP2
-    (``torch.distributed.fsdp.fully_shard``) is observed through the unsharded parameter FSDP2 computes gradients
-    for (torch 2.4–2.13). Collectives run only over ``process_group``, once per step (:meth:`reduce_step`), plus one
-    more with ``debug=True`` (:meth:`check_same`).
+    Detects what manages each parameter: a plain tensor is observed with a tensor hook (single process, or
+    DDP, where the hook sees the local gradient before DDP's all-reduce); a DTensor parameter managed by FSDP2
+    (``torch.distributed.fsdp.fully_shard``) is observed through the unsharded parameter FSDP2 computes
+    gradients for (torch 2.4–2.13). Collectives run only over ``process_group``, once per step
+    (:meth:`reduce_step`), plus one more with ``debug=True`` (:meth:`check_same`).
 
     Args:
         process_group: the data-parallel group (default: the world group when ``torch.distributed`` is
-            initialised, else a single process). With several groups (a data-parallel subgroup of a larger mesh),
-            pass the one across which gradients are averaged.
-        debug: after every step, check that the readings and learning-rate scale are identical on every rank and
-            that the accumulated gradient was synchronised; raises ``RuntimeError`` naming the first quantity that
-            differs (default: False; costs one extra all-reduce of a few scalars per step).
+            initialised, else a single process). With several groups (a data-parallel subgroup of a larger
+            mesh), pass the one across which gradients are averaged.
+        debug: after every step, check that the readings and learning-rate scale are identical on every rank
+            and that the accumulated gradient was synchronised; raises ``RuntimeError`` naming the first
+            quantity that differs (default: False; costs one extra all-reduce of a few scalars per step).
     """
 
     def __init__(self, process_group: Any = None, *, debug: bool = False) -> None:
@@ -154,22 +177,27 @@ class DataParallel:
         self.debug = bool(debug)
         self.distributed = dist.is_available() and dist.is_initialized()
         if process_group is not None and not self.distributed:
-            raise ValueError("process_group was given but torch.distributed is not initialised; call "
-                             "torch.distributed.init_process_group() first, or pass process_group=None")
+            raise ValueError(
+                "process_group was given but torch.distributed is not initialised; call "
+                "torch.distributed.init_process_group() first, or pass process_group=None"
+            )
         self.world_size = dist.get_world_size(process_group) if self.distributed else 1
         if self.world_size < 1:
-            raise ValueError("this rank is not a member of process_group; pass the data-parallel group that "
-                             "contains this rank")
+            raise ValueError(
+                "this rank is not a member of process_group; pass the data-parallel group that "
+                "contains this rank"
+            )
         self.rank = dist.get_rank(process_group) if self.distributed else 0
-        self._weights: dict[int, float] = {}  # id(param) -> share of its local squared norm in the global one
-        self._weight_cache: dict[tuple[int, str], torch.Tensor | float] = {}
+        self._weights: dict[int, float] = {}  # id(param) -> share of its local squared norm in the global
+        self._weight_cache: dict[tuple[Any, ...], torch.Tensor | float] = {}
         self._fsdp_map: dict[int, tuple[Any, Any, list[torch.nn.Module]]] | None = None
         self._fsdp_groups: list[Any] = []
+        self._group_of: dict[int, Any] = {}  # id(FSDP2 parameter) -> its FSDPParamGroup
         self._group_ranks: set[int] | None = None
         self._local_check: torch.Tensor | None = None
         self._device: torch.device | None = None
 
-    # ---- observing gradients ----------------------------------------------------------------------------------------
+    # ---- observing gradients -------------------------------------------------------------------------------
 
     @property
     def sharded(self) -> bool:
@@ -177,8 +205,8 @@ class DataParallel:
         return bool(self._fsdp_groups)
 
     def register_grad_hook(self, p: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> Any:
-        """Call ``fn(grad)`` with each backward's local contribution to ``p``'s gradient, before accumulation and
-        before any cross-rank reduction. Returns a handle with ``remove()``."""
+        """Call ``fn(grad)`` with each backward's local contribution to ``p``'s gradient, before accumulation
+        and before any cross-rank reduction. Returns a handle with ``remove()``."""
         if not _is_dtensor(p):
             self._weights[id(p)] = 1.0 / self.world_size  # every rank holds the same synchronised .grad
             return p.register_hook(fn)
@@ -194,14 +222,15 @@ class DataParallel:
         if all(g is not group for g in self._fsdp_groups):
             self._fsdp_groups.append(group)
         self._weights[id(p)] = self._shard_weight(p)
+        self._group_of[id(p)] = group
         return _FSDPGradHook(fsdp_param, modules, fn)
 
     def _shard_weight(self, p: torch.Tensor) -> float:
-        """``shards / W``: the share of this rank's squared norm of ``p``'s gradient shard in the global norm.
+        """``shards / W``: the share of this rank's squared norm of ``p``'s gradient shard in the global one.
 
-        A DTensor is split over the mesh dimensions with a ``Shard`` placement and copied over the others; only
-        dimensions inside the data-parallel group count (a tensor-parallel dimension outside it is measured per
-        rank, as a part of the model).
+        A DTensor is split over the mesh dimensions with a ``Shard`` placement and copied over the others;
+        only dimensions inside the data-parallel group count (a tensor-parallel dimension outside it is
+        measured per rank, as a part of the model).
         """
         if self._group_ranks is None:
             self._group_ranks = set(dist.get_process_group_ranks(self.group or dist.group.WORLD))
@@ -221,74 +250,97 @@ class DataParallel:
             g = g.to_local()
         return g
 
-    def local_microbatches(self, backwards: int) -> float:
+    def local_microbatches(self, backwards: int) -> int:
         r"""``m`` such that this rank's reduced ``.grad`` is ``c·m·ḡ`` after ``backwards`` local microbatches.
 
         DDP and FSDP2 average over the ``W`` ranks, with or without ``no_sync()`` /
-        ``set_requires_gradient_sync(False)`` on the first microbatches, so ``m`` is the local accumulation count.
-        FSDP2 with ``set_gradient_divide_factor(f)`` divides the sum by ``f`` instead of ``W``: ``m = A·W/f``.
+        ``set_requires_gradient_sync(False)`` on the first microbatches, so ``m`` is the local accumulation
+        count ``A`` itself. (An FSDP2 module with ``set_gradient_divide_factor(f)`` holds ``(n/f)·A·ḡ``
+        instead, for its ``n`` data-parallel ranks; :meth:`grad_weights` takes that out per parameter.)
         """
-        factors = {getattr(g, "gradient_divide_factor", None) for g in self._fsdp_groups}
-        factors.discard(None)
-        if not factors:
-            return backwards
-        if len(factors) > 1:
-            raise RuntimeError(f"FSDP2 modules use different gradient divide factors {sorted(factors)}; bscale "
-                               "needs one factor for the whole model (set_gradient_divide_factor on the root)")
-        return backwards * self.world_size / factors.pop()
+        return backwards
+
+    def _divide_correction(self, group: Any) -> float:
+        """``(f/n)²`` for an FSDP2 group that divides its gradient sum by ``f`` instead of its ``n`` ranks."""
+        f = getattr(group, "gradient_divide_factor", None)
+        if f is None:
+            return 1.0
+        info = getattr(group, "mesh_info", None)
+        n = getattr(info, "shard_mesh_size", 1) * getattr(info, "replicate_mesh_size", 1)
+        return (f / n) ** 2 if info is not None else (f / self.world_size) ** 2
 
     def grad_weights(self, params: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor | float:
-        r"""Per-parameter weights ``w`` that turn local squared norms of ``.grad`` into shares of the global one.
+        r"""Per-parameter weights ``w`` that make local squared norms of ``.grad`` shares of the global one.
 
-        ``Σ_ranks Σ_p w_p |grad_p|²`` is the squared norm of the whole synchronised gradient: ``w = 1/W`` for a
-        replicated gradient, ``shards/W`` for a sharded one. A float when all weights are equal.
+        ``Σ_ranks Σ_p w_p |grad_p|²`` is the squared norm of the whole synchronised gradient: ``w = 1/W`` for
+        a replicated gradient, ``shards/W`` for a sharded one, times ``(f/n)²`` for an FSDP2 module whose
+        gradient divide factor ``f`` differs from its ``n`` ranks. A float when all weights are equal.
         """
-        key = (len(params), str(device))
+        # The divide factors can be changed at any time: they are part of the cache key.
+        corrections = tuple(self._divide_correction(g) for g in self._fsdp_groups)
+        key = (len(params), str(device), corrections)
         w = self._weight_cache.get(key)
         if w is None:
-            ws = [self._weights.get(id(p), 1.0 / self.world_size) for p in params]
-            w = ws[0] if ws and all(x == ws[0] for x in ws) else torch.tensor(ws, dtype=torch.float32, device=device)
+            by_group = {id(g): c for g, c in zip(self._fsdp_groups, corrections, strict=True)}
+            ws = []
+            for p in params:
+                group = self._group_of.get(id(p))
+                correction = 1.0 if group is None else by_group[id(group)]
+                ws.append(self._weights.get(id(p), 1.0 / self.world_size) * correction)
             if not ws:
                 w = 1.0
+            elif all(x == ws[0] for x in ws):
+                w = ws[0]
+            else:
+                w = torch.tensor(ws, dtype=torch.float32, device=device)
             self._weight_cache[key] = w
         return w
 
-    # ---- once per step ----------------------------------------------------------------------------------------------
+    # ---- once per step -------------------------------------------------------------------------------------
 
-    def reduce_step(self, packed: torch.Tensor, *, k_local: int, inv_sizes: float, big_slice: slice,
-                    layer_big_slice: slice | None = None, mean_slices: Iterable[slice] = ()) -> dict[str, Any]:
+    def reduce_step(
+        self,
+        packed: torch.Tensor,
+        *,
+        k_local: int,
+        inv_sizes: float,
+        big_slice: slice,
+        layer_big_slice: slice | None = None,
+        mean_slices: Iterable[slice] = (),
+    ) -> dict[str, Any]:
         r"""Combine one step's statistics across ranks in one all-reduce; every rank gets identical results.
 
         Args:
             packed: this rank's device vector ``[Σ small, Σ big, found_inf, loss_scale, per-layer small...,
-                per-layer big..., per-coordinate...]``; the big entries already weighted by :meth:`grad_weights`.
+                per-layer big..., per-coordinate...]``; the big entries already weighted by
+                :meth:`grad_weights`.
             k_local: microbatches (backward calls) on this rank in this step.
             inv_sizes: ``Σ_j 1/b_j`` over this rank's microbatches.
             big_slice: where the whole gradient's squared norm is in ``packed`` (checked with ``debug=True``).
             layer_big_slice: where the per-layer squared norms of the synchronised gradient are (summed like
-                ``big_slice``; listed for readers of the layout).
-            mean_slices: entries that are the same kind of quantity on every rank (the loss scale, per-coordinate
-                summaries): averaged over ranks instead of summed.
+                ``big_slice``; named for readers of the layout).
+            mean_slices: entries that are the same kind of quantity on every rank (the loss scale,
+                per-coordinate summaries): averaged over ranks instead of summed.
 
         Returns:
-            ``{"values": float64 CPU tensor, "microbatches": Σ_r k_r, "inv_sizes": Σ_r Σ_j 1/b_{r,j}}``; single
-            process: ``packed`` unchanged with the local counts.
+            ``{"values": float64 CPU tensor, "microbatches": Σ_r k_r, "inv_sizes": Σ_r Σ_j 1/b_{r,j}}``;
+            single process: ``packed`` unchanged with the local counts.
 
         Raises:
-            RuntimeError: ranks ran different numbers of microbatches (DDP's average over ranks would then weigh
-                microbatches unequally).
+            RuntimeError: ranks ran different numbers of microbatches (DDP's average over ranks would then
+                weigh microbatches unequally).
         """
         if self.world_size == 1:
             return {"values": packed, "microbatches": k_local, "inv_sizes": inv_sizes}
         n = packed.numel()
         self._device = packed.device
         if self.debug:
-            # This rank's view of the synchronised gradient before the sum: equal on every rank when replicated.
+            # This rank's view of the synchronised gradient before the sum: equal on all ranks if replicated.
             self._local_check = packed[big_slice].sum().double().clone()
-        # float64: sums of per-rank float32 statistics and of 1/b stay exact enough to equal a single process.
+        # float64: sums of per-rank float32 statistics and of 1/b stay exact enough to equal one process.
         buf = torch.empty(n + 3, dtype=torch.float64, device=packed.device)
         buf[:n].copy_(packed)
-        # Scalar fills, not a host-to-device copy: no synchronisation with the device before the collective.
+        # Scalar fills, not a host-to-device copy: no wait for the device before the collective.
         buf[n] = float(k_local)
         buf[n + 1] = float(k_local) ** 2
         buf[n + 2] = float(inv_sizes)
@@ -296,18 +348,21 @@ class DataParallel:
         host = buf.tolist()  # the step's one host synchronisation
         W = self.world_size
         k_sum, k_sq, inv_total = host[n], host[n + 1], host[n + 2]
-        # Σk² · W = (Σk)² exactly (small integers in float64) if and only if every rank ran the same count.
+        # Σk² · W = (Σk)² exactly (small integers in float64) if and only if every rank ran the same k.
         if k_sq * W != k_sum * k_sum:
             raise RuntimeError(
-                f"bscale: ranks ran different numbers of microbatches in this step (total {k_sum:.0f} over {W} "
-                "ranks, unequal); DDP and FSDP2 average gradients over ranks, so give every rank the same number "
-                "of backward() calls per step (DistributedSampler pads the last batches to equal length)"
+                f"bscale: ranks ran different numbers of microbatches in this step (total {k_sum:.0f} "
+                f"over {W} ranks, unequal); DDP and FSDP2 average gradients over ranks, so give every rank "
+                "the same number of backward() calls per step (DistributedSampler pads the last batches)"
             )
         values = host[:n]
         for sl in mean_slices:
             values[sl] = [v / W for v in values[sl]]
-        return {"values": torch.tensor(values, dtype=torch.float64), "microbatches": int(round(k_sum)),
-                "inv_sizes": inv_total}
+        return {
+            "values": torch.tensor(values, dtype=torch.float64),
+            "microbatches": round(k_sum),
+            "inv_sizes": inv_total,
+        }
 
     def _collective_device(self) -> torch.device:
         # NCCL reduces device tensors only; every other backend here takes CPU tensors.
@@ -316,11 +371,12 @@ class DataParallel:
         return torch.device("cpu")
 
     def check_same(self, readings: Mapping[str, float]) -> None:
-        """With ``debug=True``: raise ``RuntimeError`` unless every rank holds the same readings (one all-reduce).
+        """With ``debug=True``: raise ``RuntimeError`` unless every rank holds the same readings.
 
-        Compares the readings named in ``_CHECKED`` exactly (they are computed from identical all-reduced sums)
-        and, for replicated gradients, this rank's squared norm of the synchronised gradient (relative 1e-5: it
-        differs only if a step's last backward skipped synchronisation).
+        One all-reduce (MAX of each value and of its negation). Compares the readings named in ``_CHECKED``
+        exactly (they are computed from identical all-reduced sums) and, for replicated gradients, this rank's
+        squared norm of the synchronised gradient (relative 1e-5: it differs only if a step's last backward
+        skipped synchronisation).
         """
         if not self.debug or self.world_size == 1:
             return
@@ -345,15 +401,16 @@ class DataParallel:
                 lo_s = "nan" if nan_lo else f"{lo!r}"
                 hi_s = "nan" if nan_hi else f"{hi!r}"
                 raise RuntimeError(
-                    f"bscale debug: '{name}' differs across ranks (min {lo_s}, max {hi_s}); every rank must load "
-                    "the same checkpoint, run the same schedule and call step() the same number of times"
+                    f"bscale debug: '{name}' differs across ranks (min {lo_s}, max {hi_s}); every rank must "
+                    "load the same checkpoint, run the same schedule and call step() the same number of times"
                 )
         if check_grad:
             hi, lo = out[4 * m], -out[4 * m + 1]
             if not math.isclose(hi, lo, rel_tol=1e-5, abs_tol=0.0):
                 raise RuntimeError(
-                    f"bscale debug: the accumulated gradient's squared norm differs across ranks (min {lo!r}, max "
-                    f"{hi!r}): the last backward of the step did not synchronise gradients; call backward outside "
-                    "no_sync() (or with require_backward_grad_sync=True) on the step's last microbatch"
+                    f"bscale debug: the accumulated gradient's squared norm differs across ranks (min "
+                    f"{lo!r}, max {hi!r}): the last backward of the step did not synchronise gradients; call "
+                    "backward outside no_sync() (or with require_backward_grad_sync=True) on the last "
+                    "microbatch of each step"
                 )
         self._local_check = None

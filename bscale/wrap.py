@@ -710,7 +710,11 @@ class ScaledOptimizer(Optimizer):
             return 1.0
         if self.ref_batch is None:
             self.ref_batch = batch
-        return laws.lr_scale(batch, self.ref_batch, self.estimator.noise_scale, rule=self.rule, optimizer=self.law)
+        ns = self.estimator.noise_scale
+        if ns is not None and ns <= 0.0:
+            # tr(Σ) clamped at 0 (no measurable noise): take the law's B_noise → 0 limit instead of dividing by it.
+            ns = 1e-30
+        return laws.lr_scale(batch, self.ref_batch, ns, rule=self.rule, optimizer=self.law)
 
     def _apply_scaling(self, scale: float, batch: float) -> list[dict[str, Any]]:
         saved = []

@@ -1,0 +1,185 @@
+"""Step-time overhead of bscale.wrap under 2-rank DDP (gloo, CPU), bare and wrapped interleaved in one run.
+
+Each rank holds two DDP copies of the same model, one stepped by a bare AdamW and one by a wrapped AdamW.
+A repetition times a block of consecutive full steps of each on identical data (k microbatches, ``no_sync()``
+on all but the last, clipping, step, zero_grad), alternating which goes first, with a barrier before each
+block. Timing blocks rather than single steps matters: the wrapper's all-reduce inside ``step()`` waits for
+the slower rank, a wait that a bare loop pays at DDP's all-reduce of the next step instead; within a block
+both variants pay it once per step. The row reports rank 0's median of per-repetition (wrapped / bare)
+ratios of block times, and the per-step medians.
+
+    python benchmarks/overhead_ddp.py           # prints the markdown rows
+    python benchmarks/overhead_ddp.py --quick
+
+``benchmarks/overhead.py`` imports :func:`run` and adds these rows to its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+WORLD = 2
+HEADER = (
+    "| workload | k | bare ms | wrapped ms | ratio [IQR] | persistent extra | transient peak "
+    "| per-param copy |"
+)
+
+
+def _mlp() -> tuple[nn.Module, Any, Any, int]:
+    model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+
+    def batches(gen: torch.Generator, k: int, micro: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (torch.randn(micro, 64, generator=gen), torch.randint(10, (micro,), generator=gen))
+            for _ in range(k)
+        ]
+
+    def loss_fn(m: nn.Module, xy: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(xy[0]), xy[1])
+
+    return model, batches, loss_fn, 64
+
+
+def _transformer() -> tuple[nn.Module, Any, Any, int]:
+    from bscale.demo import CharData, CharTransformer, ModelConfig, load_text
+
+    data = CharData(load_text(), context=64, seed=0)
+    model = CharTransformer(ModelConfig(vocab=data.vocab))
+
+    def batches(gen: torch.Generator, k: int, micro: int = 16) -> list[tuple[torch.Tensor, ...]]:
+        return [data.batch(micro) for _ in range(k)]
+
+    def loss_fn(m: nn.Module, xy: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return m(*xy)[1]
+
+    return model, batches, loss_fn, 16 * 64  # examples are tokens: 16 sequences of 64
+
+
+WORKLOADS = {
+    "mlp": ("MLP (300k params), AdamW", _mlp),
+    "transformer": ("char transformer, AdamW", _transformer),
+}
+
+
+def _step(ddp: nn.Module, opt: torch.optim.Optimizer, micro: list, loss_fn: Any, k: int) -> None:
+    for j, xy in enumerate(micro):
+        with ddp.no_sync() if j < k - 1 else contextlib.nullcontext():
+            (loss_fn(ddp, xy) / k).backward()
+    torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _worker(
+    rank: int, init_file: str, out: str, workload: str, k: int, reps: int, warmup: int, block: int
+) -> None:
+    import bscale
+
+    torch.set_num_threads(1)  # one core per rank on a 2-core machine: steadier timings
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    name, factory = WORKLOADS[workload]
+    torch.manual_seed(0)
+    model, batches, loss_fn, micro_size = factory()
+    bare_model = copy.deepcopy(model)
+    ddp_bare = nn.parallel.DistributedDataParallel(bare_model)
+    ddp_wrap = nn.parallel.DistributedDataParallel(model)
+    bare = torch.optim.AdamW(bare_model.parameters(), lr=1e-4)
+    wrapped = bscale.wrap(torch.optim.AdamW(model.parameters(), lr=1e-4), microbatch_size=micro_size)
+    gen = torch.Generator().manual_seed(1 + rank)
+    ratios, t_bare, t_wrap = [], [], []
+    for rep in range(warmup + reps):
+        steps = [batches(gen, k) for _ in range(block)]
+        order = [(ddp_bare, bare), (ddp_wrap, wrapped)]
+        if rep % 2:
+            order.reverse()
+        times = {}
+        for m, o in order:
+            dist.barrier()
+            t0 = time.perf_counter()
+            for micro in steps:
+                _step(m, o, micro, loss_fn, k)
+            times[id(o)] = (time.perf_counter() - t0) / block
+        if rep >= warmup:
+            t_bare.append(times[id(bare)])
+            t_wrap.append(times[id(wrapped)])
+            ratios.append(times[id(wrapped)] / times[id(bare)])
+    if rank == 0:
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        n_params = sum(p.numel() for p in model.parameters())
+        mem = wrapped.memory_bytes()
+        row = {
+            "workload": f"{name}, DDP {WORLD}×gloo",
+            "k": k,
+            "params": n_params,
+            "bare_ms": 1e3 * statistics.median(t_bare),
+            "wrapped_ms": 1e3 * statistics.median(t_wrap),
+            "ratio": statistics.median(ratios),
+            "ratio_q1": q1,
+            "ratio_q3": q3,
+            "persistent_bytes": mem["persistent"],
+            "transient_bytes": mem["transient_peak"],
+            "param_bytes": n_params * 4,
+            "noise_scale": wrapped.stats.get("noise_scale", float("nan")),
+        }
+        torch.save(row, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(
+    reps: int = 60, k: int = 4, warmup: int = 3, workloads: tuple[str, ...] = ("mlp",), block: int = 5
+) -> list[dict[str, Any]]:
+    """Spawn a 2-rank gloo job per workload; one row per workload, keyed like overhead.py's table rows."""
+    rows = []
+    for workload in workloads:
+        with tempfile.TemporaryDirectory() as d:
+            out = str(Path(d) / "row.pt")
+            args = (str(Path(d) / "init"), out, workload, k, reps, warmup, block)
+            mp.spawn(_worker, args=args, nprocs=WORLD)
+            rows.append(torch.load(out, weights_only=False))
+    return rows
+
+
+def markdown_row(r: dict[str, Any]) -> str:
+    """One row in the column layout of benchmarks/overhead.py's table."""
+    return (
+        f"| {r['workload']} | {r['k']} | {r['bare_ms']:.1f} | {r['wrapped_ms']:.1f} | "
+        f"{r['ratio']:.3f} [{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}] | "
+        f"{r['persistent_bytes'] / 1024:.1f} KiB | {r['transient_bytes'] / 1024:.1f} KiB | "
+        f"{r['persistent_bytes'] / r['param_bytes']:.2%} of fp32 params |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="15 repetitions instead of 60")
+    p.add_argument("--block", type=int, default=5, help="consecutive steps timed together (default: 5)")
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--k", type=int, default=4, help="microbatches per rank per step (default: 4)")
+    p.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=["mlp"])
+    args = p.parse_args(argv)
+    reps = args.reps or (15 if args.quick else 60)
+    rows = run(reps=reps, k=args.k, workloads=tuple(args.workloads), block=args.block)
+    print(HEADER)
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(markdown_row(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+    raise SystemExit(main())

@@ -1,0 +1,373 @@
+"""Code run inside the 2-process job of test_distributed.py (imported by the spawned ranks and by the test).
+
+Every microbatch is a pure function of (step, rank, micro), so a single process running the same W·A
+microbatches with gradient accumulation is the reference every data-parallel run must reproduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import bscale
+from bscale.wrap import ScaledOptimizer
+
+MICRO = 8  # examples per microbatch (b)
+D_IN, D_HID, D_OUT = 6, 8, 4
+STEPS = 5
+CKPT_AT = 3  # the checkpoint scenario saves after this many steps and resumes from there
+VARYING = (2, 3, 3, 2, 1, 2)  # per-rank microbatches per step in the changing-accumulation scenario
+# Readings compared between runs; layer keys are added from the reference run.
+KEYS = (
+    "noise_scale",
+    "noise_scale_stderr",
+    "grad_sq",
+    "trace_sigma",
+    "lr_scale",
+    "lr",
+    "batch_size",
+    "microbatches",
+    "step_grad_sq",
+    "step_trace_sigma",
+    "examples",
+)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D_IN, D_HID), nn.Tanh(), nn.Linear(D_HID, D_OUT))
+
+
+def batch(step: int, rank: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Microbatch `micro` of rank `rank` at step `step`: a noisy linear teacher, so |G|² is well resolved."""
+    g = torch.Generator().manual_seed(100_003 * step + 1_009 * rank + micro)
+    teacher = torch.Generator().manual_seed(7)
+    w = torch.randn(D_IN, D_OUT, generator=teacher)
+    x = torch.randn(MICRO, D_IN, generator=g)
+    y = x @ w + 0.5 * torch.randn(MICRO, D_OUT, generator=g)
+    return x, y
+
+
+def make_opt(model: nn.Module, named: nn.Module | None = None, **kw: Any) -> ScaledOptimizer:
+    # ref_batch ≠ the batch used, so the noise-aware lr_scale depends on the live B_noise and is compared too.
+    inner = torch.optim.SGD(model.parameters(), lr=0.05)
+    kw.setdefault("rule", "noise")
+    kw.setdefault("ref_batch", 16)
+    kw.setdefault("beta", 0.8)
+    return bscale.wrap(inner, MICRO, named_parameters=(named or model).named_parameters(), **kw)
+
+
+def readings(opt: ScaledOptimizer) -> dict[str, float]:
+    s = opt.stats
+    return {k: v for k, v in s.items() if k in KEYS or k.startswith("layer/")}
+
+
+def loss_of(model: nn.Module, step: int, rank: int, micro: int, divide: int) -> torch.Tensor:
+    x, y = batch(step, rank, micro)
+    return nn.functional.mse_loss(model(x), y) / divide
+
+
+def _count(accum: int | Sequence[int], step: int) -> int:
+    return accum if isinstance(accum, int) else accum[step]
+
+
+def reference(ranks: Sequence[int], accum: int | Sequence[int], steps: int = STEPS) -> list[dict[str, float]]:
+    """One process running the microbatches of `ranks`, accumulated with loss / (len(ranks)·accum)."""
+    model = make_model()
+    opt = make_opt(model)
+    out = []
+    for step in range(steps):
+        a = _count(accum, step)
+        for rank in ranks:
+            for micro in range(a):
+                loss_of(model, step, rank, micro, len(ranks) * a).backward()
+        opt.step()
+        opt.zero_grad()
+        out.append(readings(opt))
+    return out
+
+
+def train(
+    model: nn.Module,
+    opt: ScaledOptimizer,
+    rank: int,
+    accum: int | Sequence[int],
+    steps: range,
+    sync_context: Callable[[bool], Any],
+    scaler: Any = None,
+) -> list[dict[str, float]]:
+    """The data-parallel loop: `accum` local microbatches per step (a count, or one per step), each backward
+    inside `sync_context(is_last_microbatch)`."""
+    out = []
+    for step in steps:
+        a = _count(accum, step)
+        for micro in range(a):
+            with sync_context(micro == a - 1):
+                loss = loss_of(model, step, rank, micro, a)
+                (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad()
+        out.append(readings(opt))
+    return out
+
+
+def _ddp(model: nn.Module, **kw: Any) -> nn.Module:
+    return nn.parallel.DistributedDataParallel(model, **kw)
+
+
+def _raises(fn: Callable[[], Any]) -> str:
+    try:
+        fn()
+    except RuntimeError as e:
+        return str(e)
+    return ""
+
+
+@dataclass
+class Ctx:
+    rank: int
+    world: int
+    accum: int
+    out_dir: str
+
+    @staticmethod
+    def no_sync_but_last(ddp: nn.Module) -> Callable[[bool], Any]:
+        return lambda last: contextlib.nullcontext() if last else ddp.no_sync()
+
+
+def _always_sync(last: bool) -> Any:
+    return contextlib.nullcontext()
+
+
+def ddp_no_sync_and_resume(c: Ctx) -> dict[str, Any]:
+    """DDP with no_sync() on all but the last microbatch, debug on; rank 0 checkpoints mid-run, and a fresh
+    model and optimizer resumed from that checkpoint continue where the saved run stood."""
+    model = make_model()
+    ddp = _ddp(model)
+    opt = make_opt(ddp, named=model, debug=True)
+    run = train(ddp, opt, c.rank, c.accum, range(CKPT_AT), c.no_sync_but_last(ddp))
+    ckpt = os.path.join(c.out_dir, "ckpt.pt")
+    if c.rank == 0:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, ckpt + ".tmp")
+        os.replace(ckpt + ".tmp", ckpt)
+    dist.barrier()
+    run += train(ddp, opt, c.rank, c.accum, range(CKPT_AT, STEPS), c.no_sync_but_last(ddp))
+
+    model = make_model()
+    state = torch.load(ckpt, map_location="cpu")
+    model.load_state_dict(state["model"])
+    ddp = _ddp(model)
+    opt = make_opt(ddp, named=model)
+    opt.load_state_dict(state["optimizer"])
+    resumed = train(ddp, opt, c.rank, c.accum, range(CKPT_AT, STEPS), c.no_sync_but_last(ddp))
+    return {"ddp_no_sync": run, "resumed": resumed}
+
+
+def ddp_bucket_view_scaler(c: Ctx) -> dict[str, Any]:
+    """Gradients as views into DDP's buckets, and a GradScaler whose scale (2^10 on every rank) must be
+    divided out once, not once per rank."""
+    model = make_model()
+    ddp = _ddp(model, gradient_as_bucket_view=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = make_opt(ddp, named=model, grad_scaler=scaler)
+    run = train(ddp, opt, c.rank, c.accum, range(STEPS), c.no_sync_but_last(ddp), scaler=scaler)
+    return {"ddp_bucket_view_scaler": run}
+
+
+def ddp_varying_accum(c: Ctx) -> dict[str, Any]:
+    """The accumulation count changes between steps (read late, or twice, on every rank alike)."""
+    model = make_model()
+    ddp = _ddp(model)
+    opt = make_opt(ddp, named=model, debug=True)
+    run = train(ddp, opt, c.rank, VARYING, range(len(VARYING)), c.no_sync_but_last(ddp))
+    return {"ddp_varying_accum": run}
+
+
+def ddp_sync(c: Ctx) -> dict[str, Any]:
+    """DDP synchronising after every microbatch: .grad is the sum of rank-averaged gradients."""
+    model = make_model()
+    ddp = _ddp(model)
+    opt = make_opt(ddp, named=model, debug=True)
+    return {"ddp_sync": train(ddp, opt, c.rank, c.accum, range(STEPS), _always_sync)}
+
+
+def ddp_fp16_hook(c: Ctx) -> dict[str, Any]:
+    """A user's DDP communication hook (fp16 compression) keeps working beside bscale."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    calls = []
+
+    # No annotations: DDP checks a hook's `bucket` annotation, and postponed ones would be strings here.
+    def counting_fp16(state, bucket):  # type: ignore[no-untyped-def]
+        calls.append(bucket.index())
+        return default_hooks.fp16_compress_hook(state, bucket)
+
+    model = make_model()
+    ddp = _ddp(model)
+    ddp.register_comm_hook(None, counting_fp16)
+    opt = make_opt(ddp, named=model, debug=True)
+    run = train(ddp, opt, c.rank, c.accum, range(STEPS), c.no_sync_but_last(ddp))
+    return {"ddp_fp16_hook": run, "fp16_hook_calls": len(calls)}
+
+
+def fsdp(c: Ctx) -> dict[str, Any]:
+    """FSDP2, with and without set_requires_gradient_sync(False) on the first microbatches."""
+    from torch.distributed.fsdp import fully_shard
+
+    out: dict[str, Any] = {}
+    for name, no_sync in (("fsdp_no_sync", True), ("fsdp_sync", False)):
+        model = make_model()
+        fully_shard(model[0])
+        fully_shard(model)
+        opt = make_opt(model, debug=True)
+
+        def fsdp_ctx(last: bool, model: Any = model, no_sync: bool = no_sync) -> Any:
+            model.set_requires_gradient_sync(not no_sync or last)
+            return contextlib.nullcontext()
+
+        out[name] = train(model, opt, c.rank, c.accum, range(STEPS), fsdp_ctx)
+        out[name + "_sharded"] = opt._dp.sharded
+    return out
+
+
+def hsdp(c: Ctx) -> dict[str, Any]:
+    """HSDP on a (replicate=2, shard=1) mesh: gradients are replicated DTensors, counted once, not summed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (c.world, 1), mesh_dim_names=("replicate", "shard"))
+    model = make_model()
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = make_opt(model, debug=True)
+    return {"hsdp": train(model, opt, c.rank, c.accum, range(STEPS), _always_sync)}
+
+
+def fsdp_divide_factor(c: Ctx) -> dict[str, Any]:
+    """A gradient divide factor of 1 on the root module only: its gradients are sums over ranks, the first
+    layer's stay averages. (Sums also step twice as far, so only the first step matches the reference.)"""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model[0])
+    fully_shard(model)
+    for m in (model[0], model):
+        m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM: divide outside the collective
+    model.set_gradient_divide_factor(1.0)
+    opt = make_opt(model, debug=True)
+    return {"fsdp_divide_factor": train(model, opt, c.rank, c.accum, range(1), _always_sync)}
+
+
+def process_groups(c: Ctx) -> dict[str, Any]:
+    """Each rank alone in its own group trains like one process on its own data; a group spanning both
+    ranks is the one every bscale collective goes through."""
+    groups = [dist.new_group([r]) for r in range(c.world)]
+    model = make_model()
+    opt = make_opt(model, process_group=groups[c.rank])
+    own = train(model, opt, c.rank, c.accum, range(2), _always_sync)
+
+    pair = dist.new_group(list(range(c.world)))
+    seen: list[Any] = []
+    real_all_reduce = dist.all_reduce
+
+    def recording_all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("group", args[1] if len(args) > 1 else None))
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    model = make_model()
+    ddp = _ddp(model, process_group=pair)
+    opt = make_opt(ddp, named=model, process_group=pair, debug=True)
+    dist.all_reduce = recording_all_reduce
+    try:
+        run = train(ddp, opt, c.rank, c.accum, range(2), _always_sync)
+    finally:
+        dist.all_reduce = real_all_reduce
+    return {"own_group": own, "pair_group": run, "pair_group_collectives": [g is pair for g in seen]}
+
+
+def debug_errors(c: Ctx) -> dict[str, Any]:
+    """debug=True names what diverged; unequal microbatch counts raise with or without it."""
+    model = make_model()
+    opt = make_opt(model, debug=True)
+
+    def same_data_step(step: int, sync: bool = True) -> None:
+        for micro in range(c.accum):
+            loss_of(model, step, 0 if sync else c.rank, micro, c.accum).backward()
+        opt.step()
+        opt.zero_grad()
+
+    # (a) The estimator state differs on one rank (as after loading a stale checkpoint there).
+    same_data_step(0)
+    same_data_step(1)
+    if c.rank == 1:
+        opt.estimator.m_t *= 1.5
+    out = {"err_estimator": _raises(lambda: same_data_step(2))}
+    # (b) Gradients that were never synchronised (every backward under no_sync, or no DDP at all).
+    model = make_model()
+    opt = make_opt(model, debug=True)
+    out["err_unsynced"] = _raises(lambda: same_data_step(0, sync=False))
+    # (c) Ranks that ran different numbers of microbatches.
+    model = make_model()
+    opt = make_opt(model)
+
+    def uneven() -> None:
+        for micro in range(c.accum if c.rank == 0 else c.accum - 1):
+            loss_of(model, 0, 0, micro, c.accum).backward()
+        opt.step()
+
+    out["err_uneven"] = _raises(uneven)
+    return out
+
+
+SCENARIOS = (
+    ddp_no_sync_and_resume,
+    ddp_bucket_view_scaler,
+    ddp_sync,
+    ddp_varying_accum,
+    ddp_fp16_hook,
+    fsdp,
+    hsdp,
+    fsdp_divide_factor,
+    process_groups,
+    debug_errors,
+)
+
+
+def job(rank: int, world: int, init_file: str, out_dir: str, accum: int) -> None:
+    """Every scenario in one 2-rank job; each rank saves its results (and any tracebacks) to rank{rank}.pt."""
+    torch.set_num_threads(1)
+    # A short timeout turns a hang (a collective one rank never joins) into a failing test.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    c = Ctx(rank, world, accum, out_dir)
+    res: dict[str, Any] = {"errors": {}}
+    for scenario in SCENARIOS:
+        try:
+            res.update(scenario(c))
+        except Exception:  # recorded for the test that reads this scenario; the others still run
+            res["errors"][scenario.__name__] = traceback.format_exc()
+        dist.barrier()
+    torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def close(a: float, b: float, rtol: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return math.isclose(a, b, rel_tol=rtol, abs_tol=0.0)
