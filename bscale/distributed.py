@@ -307,6 +307,7 @@ class DataParallel:
         big_slice: slice,
         layer_big_slice: slice | None = None,
         mean_slices: Iterable[slice] = (),
+        examples: float | None = None,
     ) -> dict[str, Any]:
         r"""Combine one step's statistics across ranks in one all-reduce; every rank gets identical results.
 
@@ -321,29 +322,33 @@ class DataParallel:
                 ``big_slice``; named for readers of the layout).
             mean_slices: entries that are the same kind of quantity on every rank (the loss scale,
                 per-coordinate summaries): averaged over ranks instead of summed.
+            examples: ``Σ_j b_j`` over this rank's microbatches (default: ``k_local`` times the harmonic mean).
 
         Returns:
-            ``{"values": float64 CPU tensor, "microbatches": Σ_r k_r, "inv_sizes": Σ_r Σ_j 1/b_{r,j}}``;
-            single process: ``packed`` unchanged with the local counts.
+            ``{"values": float64 CPU tensor, "microbatches": Σ_r k_r, "inv_sizes": Σ_r Σ_j 1/b_{r,j},
+            "examples": Σ_r Σ_j b_{r,j}}``; single process: ``packed`` unchanged with the local counts.
 
         Raises:
             RuntimeError: ranks ran different numbers of microbatches (DDP's average over ranks would then
                 weigh microbatches unequally).
         """
+        if examples is None:
+            examples = k_local * k_local / inv_sizes
         if self.world_size == 1:
-            return {"values": packed, "microbatches": k_local, "inv_sizes": inv_sizes}
+            return {"values": packed, "microbatches": k_local, "inv_sizes": inv_sizes, "examples": examples}
         n = packed.numel()
         self._device = packed.device
         if self.debug:
             # This rank's view of the synchronised gradient before the sum: equal on all ranks if replicated.
             self._local_check = packed[big_slice].sum().double().clone()
         # float64: sums of per-rank float32 statistics and of 1/b stay exact enough to equal one process.
-        buf = torch.empty(n + 3, dtype=torch.float64, device=packed.device)
+        buf = torch.empty(n + 4, dtype=torch.float64, device=packed.device)
         buf[:n].copy_(packed)
         # Scalar fills, not a host-to-device copy: no wait for the device before the collective.
         buf[n] = float(k_local)
         buf[n + 1] = float(k_local) ** 2
         buf[n + 2] = float(inv_sizes)
+        buf[n + 3] = float(examples)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
         host = buf.tolist()  # the step's one host synchronisation
         W = self.world_size
@@ -362,6 +367,7 @@ class DataParallel:
             "values": torch.tensor(values, dtype=torch.float64),
             "microbatches": round(k_sum),
             "inv_sizes": inv_total,
+            "examples": host[n + 3],
         }
 
     def _collective_device(self) -> torch.device:

@@ -608,20 +608,22 @@ class ScaledOptimizer(Optimizer):
         reduced = self._dp.reduce_step(packed, k_local=k_local, inv_sizes=inv_sizes, big_slice=slice(1, 2),
                                        layer_big_slice=slice(4 + len(self._layers), 4 + 2 * len(self._layers))
                                        if per_layer else None,
-                                       mean_slices=(slice(3, 4), slice(coord_start, packed.numel())))
+                                       mean_slices=(slice(3, 4), slice(coord_start, packed.numel())),
+                                       examples=math.fsum(self._sizes))
         values = reduced["values"].tolist()  # the one host sync of the step
         k, inv_sizes_total, k_local_for_mean = reduced["microbatches"], reduced["inv_sizes"], k_local
         self._step_microbatches = float(k)
         # .grad holds c·m·ḡ: m = the local accumulation count under DDP and FSDP2 (see DataParallel).
         m = self._local_microbatches or k_local
         b = k / inv_sizes_total  # harmonic mean of the microbatch sizes (MATH.md sec. 2)
-        B = k * b
+        B = k * b  # the estimator's big batch; with unequal microbatches fewer than the examples seen:
+        examples = reduced["examples"]  # the step's true batch size, Σ_j b_j over every rank
         small_sum, big_sum, inf_flag, loss_scale = values[:4]
-        self._last_batch = B
+        self._last_batch = examples
         self._amp_skipped = inf_flag > 0
         if inf_flag > 0 or not (math.isfinite(small_sum) and math.isfinite(big_sum)) or loss_scale == 0:
             self._skipped_reason = "non-finite gradients in this step (skipped by the estimator)"
-            return B
+            return examples
         self._skipped_reason = None
         # Units: hooks see c·g_j, .grad holds c·k_local·ḡ, c = loss scale × (1/k_local if the loss is a mean).
         c = loss_scale * (1.0 / k_local_for_mean if self.loss_reduction == "mean" else 1.0)
@@ -630,7 +632,7 @@ class ScaledOptimizer(Optimizer):
         self._raw_big = big_sum / (m**2) * to_true
         if k < 2:
             self._warn_one_microbatch()
-            return B
+            return examples
         self.estimator.update(self._raw_small, self._raw_big, b, B)
         if per_layer:
             L = len(self._layers)
@@ -642,7 +644,7 @@ class ScaledOptimizer(Optimizer):
         if coord is not None:
             base = 4 + (2 * len(self._layers) if per_layer else 0)
             self._record_coordinate_stats(values[base:], k, b, B, c)
-        return B
+        return examples
 
     def _warn_one_microbatch(self) -> None:
         if not self._warned_one_microbatch:
