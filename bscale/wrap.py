@@ -826,11 +826,15 @@ class ScaledOptimizer(Optimizer):
         return None if not math.isfinite(self._last_batch) else int(round(self._last_batch))
 
     def accumulation_steps(self, world_size: int | None = None) -> int:
-        """Microbatches per rank for the next step under the controller (``ceil(batch / (microbatch × world))``)."""
+        """Microbatches per rank for the next step under the controller: ``batch / (microbatch × world)``."""
         if self.controller is None:
             raise RuntimeError("accumulation_steps() needs a controller: wrap(..., controller=BatchSizeController(...))")
         world = self._dp.world_size if world_size is None else world_size
-        return self.controller.accumulation_steps(self.microbatch_size, world)
+        micro = self.microbatch_size
+        # 128.0 or a numpy integer names the same microbatch as 128; the controller counts in Python ints.
+        if float(micro).is_integer():
+            micro = int(micro)
+        return self.controller.accumulation_steps(micro, world)
 
     def memory_bytes(self) -> dict[str, int]:
         """Memory the wrapper holds: ``persistent`` buffers (two float32 values per parameter tensor, plus one
