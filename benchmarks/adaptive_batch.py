@@ -121,9 +121,7 @@ class _Char:
         return data[rows], data[rows + 1]
 
     def model(self) -> nn.Module:
-        return CharTransformer(
-            ModelConfig(vocab=self.vocab, context=self.context, width=64, heads=4, layers=1)
-        )
+        return CharTransformer(ModelConfig(vocab=self.vocab, context=self.context, width=64, heads=4, layers=1))
 
     def sample(self, n_tokens: int, gen: torch.Generator):
         return self._windows(self.train, n_tokens // self.context, gen)
@@ -510,9 +508,7 @@ def _plot(path: Path, summaries: list[dict[str, Any]]) -> None:
         task = sm["task"]
         ax = row[0]
         for b, s, e, per_seed in sm["fixed"]:
-            ax.scatter(
-                [r.examples for r in per_seed], [r.steps for r in per_seed], s=10, color="C0", alpha=0.35
-            )
+            ax.scatter([r.examples for r in per_seed], [r.steps for r in per_seed], s=10, color="C0", alpha=0.35)
             ax.scatter([e], [s], color="C0", zorder=3)
             ax.annotate(f"B={b:,}", (e, s), textcoords="offset points", xytext=(5, 4), fontsize=8)
         for method, style in (("hyperbola", "-"), ("linear", "--")):
@@ -684,9 +680,7 @@ def _lr_section(sm) -> list[str]:
         near = min(j["grid"], key=lambda r: abs(math.log(r.lr / u_)))
         best_steps = min(r.steps for r in j["grid"])
         grid_s = f"{near.lr:.2g}: {_fmt(near.steps, 4)}" + ("" if math.isfinite(near.steps) else " (stopped)")
-        lines.append(
-            f"| {j['batch']:,} | {j['lr']:.2g} | {s_:.2g} | {ratios} | {grid_s} ({_fmt(best_steps, 4)}) |"
-        )
+        lines.append(f"| {j['batch']:,} | {j['lr']:.2g} | {s_:.2g} | {ratios} | {grid_s} ({_fmt(best_steps, 4)}) |")
     # Surge eq. 2 fitted to the tuned lrs in log space over a grid of B_noise (lr_peak in closed form at
     # each): the smallest rms log residual says which B_noise the measured lrs are consistent with.
     grid = np.geomspace(b[0] / 4, b[-1] * 256, 400)
@@ -704,10 +698,7 @@ def _lr_section(sm) -> list[str]:
     within = [
         n
         for n in grid
-        if np.all(
-            np.abs(np.log(lr / (lr0 * np.asarray(bscale.lr_scale(b, b0, n), dtype=float))))
-            <= 0.5 * math.log(2)
-        )
+        if np.all(np.abs(np.log(lr / (lr0 * np.asarray(bscale.lr_scale(b, b0, n), dtype=float)))) <= 0.5 * math.log(2))
     ]
     edge = best == len(grid) - 1
     best_s = (
@@ -805,9 +796,7 @@ def _adaptive_section(sm, a) -> list[str]:
         "",
     ]
     per_seed = [f"seed {seed} {'pass' if ok else 'fail'}" for seed, ok in a["per_seed"]]
-    lines.append(
-        "Per seed (each adaptive run against the fixed runs of its seed): " + ", ".join(per_seed) + "."
-    )
+    lines.append("Per seed (each adaptive run against the fixed runs of its seed): " + ", ".join(per_seed) + ".")
     fit = sm["fits"].get("hyperbola")
     if hasattr(fit, "s_min") and math.isfinite(a["e"]):
         s_fit = _on_hyperbola(fit, a["e"])
@@ -828,9 +817,7 @@ def _report(path: Path, png: Path, summaries, args, seeds, wall: float) -> list[
         fit = sm["fits"].get("hyperbola")
         for a in sm["adaptive"]:
             s_fit = _on_hyperbola(fit, a["e"]) if math.isfinite(a["e"]) else math.inf
-            vs_fit = (
-                f", {a['s'] / s_fit:.2f}× the fitted steps at its examples" if math.isfinite(s_fit) else ""
-            )
+            vs_fit = f", {a['s'] / s_fit:.2f}× the fitted steps at its examples" if math.isfinite(s_fit) else ""
             n_ok = sum(ok for _, ok in a["per_seed"])
             verdicts.append(
                 f"{sm['task'].name} ({a['name']}): {_verdict(a)} on the mean, {n_ok} of {len(a['per_seed'])} "
@@ -909,8 +896,7 @@ def _report(path: Path, png: Path, summaries, args, seeds, wall: float) -> list[
         for method, fit in sm["fits"].items():
             if hasattr(fit, "s_min"):
                 lines.append(
-                    f"| {method} | {fit.s_min:.1f} | {fit.e_min:,.0f} | {fit.b_crit:,.0f} | "
-                    f"{fit.residual:.3f} |"
+                    f"| {method} | {fit.s_min:.1f} | {fit.e_min:,.0f} | {fit.b_crit:,.0f} | {fit.residual:.3f} |"
                 )
             else:
                 lines.append(f"| {method} | fit failed: {fit} | | | |")
@@ -949,9 +935,7 @@ def _load_fixed(path: Path, tasks: list[TaskConfig], seeds: list[int]) -> list[d
     saved = {t.name: t for t in raw["tasks"]}
     for t in tasks:
         if t.name not in saved or saved[t.name].__dict__ != t.__dict__:
-            raise SystemExit(
-                f"--reuse-fixed: {path} has no fixed runs of task {t.name!r} with these settings"
-            )
+            raise SystemExit(f"--reuse-fixed: {path} has no fixed runs of task {t.name!r} with these settings")
     fixed = [j for j in raw["fixed"] if j["task"] in {t.name for t in tasks}]
     print(f"reusing {len(fixed)} fixed-batch jobs from {path}")
     return fixed
@@ -959,9 +943,7 @@ def _load_fixed(path: Path, tasks: list[TaskConfig], seeds: list[int]) -> list[d
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--quick", action="store_true", help="smoke run: fewer batch sizes, one seed, easier targets"
-    )
+    p.add_argument("--quick", action="store_true", help="smoke run: fewer batch sizes, one seed, easier targets")
     p.add_argument("--tasks", nargs="+", default=["char", "digits"], choices=["char", "digits"])
     p.add_argument("--seeds", type=int, default=None, help="evaluation seeds 0..n-1 (default: 3, quick: 1)")
     p.add_argument("--workers", type=int, default=2, help="processes, one thread each (default: 2)")
@@ -1039,22 +1021,18 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     # Largest batches first: they take longest per run, and the pool then fills in with the small jobs.
-    jobs = sorted(
-        ((t, b, seeds) for t in tasks for b in t.batches), key=lambda j: (j[0].name != "char", -j[1])
-    )
+    jobs = sorted(((t, b, seeds) for t in tasks for b in t.batches), key=lambda j: (j[0].name != "char", -j[1]))
     with mp.get_context("fork").Pool(args.workers, initializer=_init_worker) as pool:
         fixed = list(reused or [])
         for res in pool.imap_unordered(_tune_and_measure, [] if reused else jobs):
             fixed.append(res)
             runs = ", ".join(_fmt(r.steps, 4) for r in res["runs"])
             print(
-                f"[{time.perf_counter() - t0:6.0f}s] {res['task']} B={res['batch']}: lr {res['lr']:.2g}, "
-                f"steps {runs}",
+                f"[{time.perf_counter() - t0:6.0f}s] {res['task']} B={res['batch']}: lr {res['lr']:.2g}, steps {runs}",
                 flush=True,
             )
         lr0 = {
-            t.name: next(j["lr"] for j in fixed if j["task"] == t.name and j["batch"] == t.batches[0])
-            for t in tasks
+            t.name: next(j["lr"] for j in fixed if j["task"] == t.name and j["batch"] == t.batches[0]) for t in tasks
         }
         ada_jobs = [(t, lr0[t.name], s, name, pol) for t in tasks for name, pol in policies for s in seeds]
         ada_jobs.sort(key=lambda j: j[0].name != "char")

@@ -179,9 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--b-simple", type=float, default=300.0, help="the true B_simple (default: 300)")
     parser.add_argument("--dim", type=int, default=64, help="gradient dimension (default: 64)")
-    parser.add_argument(
-        "--beta", type=float, default=0.99, help="the estimator's beta (default: 0.99, its default)"
-    )
+    parser.add_argument("--beta", type=float, default=0.99, help="the estimator's beta (default: 0.99, its default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--out", type=Path, default=None, help=f"markdown output (default: {RESULTS}; none with --quick)"
@@ -203,15 +201,11 @@ def main(argv: list[str] | None = None) -> None:
         for b in bs:
             cell = run_cell(problem, k, b, checkpoints, repeats, args.beta, rng)
             for steps in checkpoints:
-                table.append(
-                    (k, b, steps, summarise(cell[steps], problem, k, b, effective_steps(args.beta, steps)))
-                )
+                table.append((k, b, steps, summarise(cell[steps], problem, k, b, effective_steps(args.beta, steps))))
             print(f"k={k} b={b} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
 
-    command = shlex.join(
-        ["python", "benchmarks/estimator_accuracy.py", *(sys.argv[1:] if argv is None else argv)]
-    )
+    command = shlex.join(["python", "benchmarks/estimator_accuracy.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [
         "# Noise-scale estimator accuracy on a known answer",
         "",

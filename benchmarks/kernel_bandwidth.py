@@ -36,9 +36,7 @@ import bscale.kernels as K  # noqa: E402
 from bscale.kernels.dispatch import triton_available  # noqa: E402
 
 
-def gpt2_small_shapes(
-    layers: int = 12, vocab: int = 50257, ctx: int = 1024, d: int = 768
-) -> list[tuple[int, ...]]:
+def gpt2_small_shapes(layers: int = 12, vocab: int = 50257, ctx: int = 1024, d: int = 768) -> list[tuple[int, ...]]:
     """Parameter shapes of GPT-2 small (124M parameters with the defaults)."""
     shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
     for _ in range(layers):
@@ -100,10 +98,7 @@ def bench_workload(shapes: list[tuple[int, ...]], device: torch.device, repeats:
         "accumulate+coord": (
             12,
             lambda: torch._foreach_addcmul_(coord, grads, grads),
-            {
-                b: (lambda b=b: K.accumulate_sq_norms(grads, out, slots, coord_sq=coord, backend=b))
-                for b in backends
-            },
+            {b: (lambda b=b: K.accumulate_sq_norms(grads, out, slots, coord_sq=coord, backend=b)) for b in backends},
         ),
         "coordinate_stats": (
             16,
@@ -124,9 +119,7 @@ def bench_workload(shapes: list[tuple[int, ...]], device: torch.device, repeats:
         for path, sec in times.items():
             bw = bytes_per * n / sec
             ratio = None if path == "floor" else sec / times["floor"]
-            rows.append(
-                {"op": op, "path": path, "n": n, "s": sec, "bw": bw, "ratio": ratio, "copy_bw": copy_bw}
-            )
+            rows.append({"op": op, "path": path, "n": n, "s": sec, "bw": bw, "ratio": ratio, "copy_bw": copy_bw})
     return rows
 
 
@@ -151,12 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds per case")
     parser.add_argument("--max-elements", type=float, default=None, help="largest single-tensor size")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-    parser.add_argument(
-        "--output", type=Path, default=ROOT / "benchmarks" / "results" / "kernel_bandwidth.md"
-    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "kernel_bandwidth.md")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -172,25 +161,17 @@ def main(argv: list[str] | None = None) -> None:
     sections: list[tuple[str, list[dict]]] = []
     for size in sizes:
         print(f"single tensor of {size:.0e} elements", flush=True)
-        sections.append(
-            (f"One float32 tensor of {size:.0e} elements", bench_workload([(size,)], device, repeats))
-        )
+        sections.append((f"One float32 tensor of {size:.0e} elements", bench_workload([(size,)], device, repeats)))
     mix_n = sum(torch.Size(s).numel() for s in mix)
     print(f"GPT-2 small mix: {len(mix)} tensors, {mix_n:.3g} elements", flush=True)
     title = "GPT-2 small parameter shapes" + (" (quick: 1 layer, vocab 4096)" if args.quick else "")
-    sections.append(
-        (f"{title}: {len(mix)} tensors, {mix_n:,} elements", bench_workload(mix, device, repeats))
-    )
+    sections.append((f"{title}: {len(mix)} tensors, {mix_n:,} elements", bench_workload(mix, device, repeats)))
 
-    command = "python " + " ".join(
-        shlex.quote(a) for a in ["benchmarks/kernel_bandwidth.py", *(argv or sys.argv[1:])]
-    )
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/kernel_bandwidth.py", *(argv or sys.argv[1:])])
     if device.type == "cuda":
         dev_line = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     else:
-        dev_line = (
-            f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
-        )
+        dev_line = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
     lines = [
         "# Kernel bandwidth",
         "",
@@ -211,9 +192,7 @@ def main(argv: list[str] | None = None) -> None:
             "command "
             "runs on a CUDA device.",
             "",
-            f"CPU sizes are capped at {max_elements:.0e} elements per tensor (larger ones take minutes per "
-            "path "
-            "here).",
+            f"CPU sizes are capped at {max_elements:.0e} elements per tensor (larger ones take minutes per path here).",
             "",
         ]
     for title, rows in sections:

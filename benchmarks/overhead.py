@@ -50,8 +50,13 @@ def _mlp(device):
     gen = torch.Generator().manual_seed(0)
 
     def batches(k, micro=64):
-        return [(torch.randn(micro, 64, generator=gen).to(device), torch.randint(10, (micro,), generator=gen).to(device))
-                for _ in range(k)]
+        return [
+            (
+                torch.randn(micro, 64, generator=gen).to(device),
+                torch.randint(10, (micro,), generator=gen).to(device),
+            )
+            for _ in range(k)
+        ]
 
     def loss_fn(m, xy):
         return nn.functional.cross_entropy(m(xy[0]), xy[1])

@@ -32,20 +32,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 WORLD = 2
-HEADER = (
-    "| workload | k | bare ms | wrapped ms | ratio [IQR] | persistent extra | transient peak "
-    "| per-param copy |"
-)
+HEADER = "| workload | k | bare ms | wrapped ms | ratio [IQR] | persistent extra | transient peak | per-param copy |"
 
 
 def _mlp() -> tuple[nn.Module, Any, Any, int]:
     model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
 
     def batches(gen: torch.Generator, k: int, micro: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [
-            (torch.randn(micro, 64, generator=gen), torch.randint(10, (micro,), generator=gen))
-            for _ in range(k)
-        ]
+        return [(torch.randn(micro, 64, generator=gen), torch.randint(10, (micro,), generator=gen)) for _ in range(k)]
 
     def loss_fn(m: nn.Module, xy: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return nn.functional.cross_entropy(m(xy[0]), xy[1])
@@ -83,9 +77,7 @@ def _step(ddp: nn.Module, opt: torch.optim.Optimizer, micro: list, loss_fn: Any,
     opt.zero_grad(set_to_none=True)
 
 
-def _worker(
-    rank: int, init_file: str, out: str, workload: str, k: int, reps: int, warmup: int, block: int
-) -> None:
+def _worker(rank: int, init_file: str, out: str, workload: str, k: int, reps: int, warmup: int, block: int) -> None:
     import bscale
 
     torch.set_num_threads(1)  # one core per rank on a 2-core machine: steadier timings

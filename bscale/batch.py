@@ -84,11 +84,7 @@ class StepCostMeter:
     def update(self, batch_size: int, seconds: float) -> None:
         """Add one timed step: ``batch_size`` examples took ``seconds``."""
         _positive_int("batch_size", batch_size)
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, (int, float))
-            or not (0 <= seconds < math.inf)
-        ):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (0 <= seconds < math.inf):
             raise ValueError(f"seconds must be a non-negative, finite duration, got {seconds!r}")
         self._n += 1
         db = batch_size - self._mean_b
@@ -216,9 +212,7 @@ class BatchSizeController:
         _positive_int("max_batch", max_batch)
         _positive_int("multiple_of", multiple_of)
         if min_batch > max_batch:
-            raise ValueError(
-                f"min_batch={min_batch} exceeds max_batch={max_batch}; swap them or widen the range"
-            )
+            raise ValueError(f"min_batch={min_batch} exceeds max_batch={max_batch}; swap them or widen the range")
         lo = -(-min_batch // multiple_of) * multiple_of
         hi = max_batch // multiple_of * multiple_of
         if lo > hi:
@@ -232,8 +226,7 @@ class BatchSizeController:
         if policy == "cost":
             if step_cost is None:
                 raise ValueError(
-                    "policy='cost' needs step_cost: the cost of one optimizer step in examples, "
-                    "or a StepCostMeter"
+                    "policy='cost' needs step_cost: the cost of one optimizer step in examples, or a StepCostMeter"
                 )
             if not isinstance(step_cost, StepCostMeter) and (
                 isinstance(step_cost, bool)
@@ -250,19 +243,13 @@ class BatchSizeController:
             or not isinstance(min_examples_between, int)
             or min_examples_between < 0
         ):
-            raise ValueError(
-                f"min_examples_between must be a non-negative integer, got {min_examples_between!r}"
-            )
+            raise ValueError(f"min_examples_between must be a non-negative integer, got {min_examples_between!r}")
         if max_rel_stderr is not None and not (0 < max_rel_stderr <= math.inf):
-            raise ValueError(
-                f"max_rel_stderr must be positive (or None to drop the gate), got {max_rel_stderr!r}"
-            )
+            raise ValueError(f"max_rel_stderr must be positive (or None to drop the gate), got {max_rel_stderr!r}")
         if hysteresis is None:
             hysteresis = _DEFAULT_HYSTERESIS[policy]
         if not (1.0 <= hysteresis < math.inf):
-            raise ValueError(
-                f"hysteresis must be a finite factor >= 1 (1 = no dead band), got {hysteresis!r}"
-            )
+            raise ValueError(f"hysteresis must be a finite factor >= 1 (1 = no dead band), got {hysteresis!r}")
         if initial_batch is None:
             initial_batch = lo
         _positive_int("initial_batch", initial_batch)
@@ -351,16 +338,10 @@ class BatchSizeController:
         Returns:
             The global batch for the next step; unchanged when no change is decided.
         """
-        needed = ("noise_scale", "examples", "steps") + (
-            ("noise_scale_stderr",) if self.max_rel_stderr else ()
-        )
+        needed = ("noise_scale", "examples", "steps") + (("noise_scale_stderr",) if self.max_rel_stderr else ())
         missing = [k for k in needed if k not in stats]
         if missing:
-            hint = (
-                ""
-                if "noise_scale_stderr" not in missing
-                else "; or pass max_rel_stderr=None to drop the gate"
-            )
+            hint = "" if "noise_scale_stderr" not in missing else "; or pass max_rel_stderr=None to drop the gate"
             raise RuntimeError(f"observe() needs stats with keys {list(needed)}, missing {missing}{hint}")
         noise_scale = _as_float(stats, "noise_scale")
         examples = int(stats["examples"])
@@ -419,9 +400,7 @@ class BatchSizeController:
         meter = state_dict.get("step_cost_meter")
         if meter is not None:
             if not isinstance(self.step_cost, StepCostMeter):
-                raise ValueError(
-                    "the state holds a StepCostMeter's state; construct with step_cost=StepCostMeter()"
-                )
+                raise ValueError("the state holds a StepCostMeter's state; construct with step_cost=StepCostMeter()")
             self.step_cost.load_state_dict(meter)
         self._batch = int(batch)
         self._last_change_examples = int(state_dict["last_change_examples"])

@@ -32,9 +32,7 @@ def _positive_whole(name: str) -> Callable[[str], int]:
             value = math.nan
         # The batch sizes on this command are those of actual runs, hence whole numbers of examples.
         if not (math.isfinite(value) and value > 0 and value == int(value)):
-            raise argparse.ArgumentTypeError(
-                f"{name} must be a positive whole number of examples, got {text!r}"
-            )
+            raise argparse.ArgumentTypeError(f"{name} must be a positive whole number of examples, got {text!r}")
         return int(value)
 
     return parse
@@ -133,8 +131,7 @@ def _lr_report(args: argparse.Namespace) -> list[str]:
         rows.append(["noise-aware", _num(factor), _num(ref_lr * factor), *unchanged, note])
 
     lines = [
-        f"bscale lr ({args.optimizer}): lr {_num(ref_lr)} at batch {ref_b} -> batch {b}"
-        f" (kappa = {_num(kappa)})",
+        f"bscale lr ({args.optimizer}): lr {_num(ref_lr)} at batch {ref_b} -> batch {b} (kappa = {_num(kappa)})",
         "",
         *_table(header, rows),
         "",
@@ -181,12 +178,8 @@ def _add_lr_command(subparsers: argparse._SubParsersAction) -> None:
             "are whole numbers of examples (samples, or tokens for a language model), all in the same unit."
         ),
     )
-    p.add_argument(
-        "--ref-lr", required=True, type=_positive_real("--ref-lr", "a finite positive learning rate")
-    )
-    p.add_argument(
-        "--ref-batch", required=True, type=_positive_whole("--ref-batch"), help="batch of --ref-lr"
-    )
+    p.add_argument("--ref-lr", required=True, type=_positive_real("--ref-lr", "a finite positive learning rate"))
+    p.add_argument("--ref-batch", required=True, type=_positive_whole("--ref-batch"), help="batch of --ref-lr")
     p.add_argument("--batch", required=True, type=_positive_whole("--batch"), help="the new batch size")
     p.add_argument(
         "--noise-scale",
@@ -202,6 +195,7 @@ def _add_lr_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+
 
 def _add_demo_command(subparsers: argparse._SubParsersAction) -> None:
     from . import demo  # torch-heavy: imported only when the parser is built, which is cheap next to training

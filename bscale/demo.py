@@ -189,9 +189,11 @@ def run_demo(
     png = bscale.plot_run(log_path, out / "noise_scale.png", title="bscale demo: char transformer on pydoc topics")
     if progress:
         ns, se = stats["noise_scale"], stats["noise_scale_stderr"]
-        print(f"final loss {stats['loss']:.3f} (val {stats['val_loss']:.3f}); B_noise "
-              f"{bscale.format_noise_scale(ns, se)} tokens; batch {int(stats['batch_size'])} tokens; "
-              f"{stats['seconds']:.0f} s")
+        print(
+            f"final loss {stats['loss']:.3f} (val {stats['val_loss']:.3f}); B_noise "
+            f"{bscale.format_noise_scale(ns, se)} tokens; batch {int(stats['batch_size'])} tokens; "
+            f"{stats['seconds']:.0f} s"
+        )
         print(f"wrote {log_path} and {png}")
         if not math.isfinite(ns):
             print(f"(no noise-scale reading: {opt.reason})")
@@ -219,8 +221,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    run_demo(steps=args.steps, microbatch=args.microbatch, accum=args.accum, lr=args.lr, grow=not args.no_grow,
-             max_accum=args.max_accum, out=args.out, seed=args.seed, progress=not args.quiet)
+    run_demo(
+        steps=args.steps,
+        microbatch=args.microbatch,
+        accum=args.accum,
+        lr=args.lr,
+        grow=not args.no_grow,
+        max_accum=args.max_accum,
+        out=args.out,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     return 0
 
 

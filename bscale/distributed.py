@@ -117,9 +117,7 @@ class _FSDPGradHook:
     first forward, a forward hook on the FSDP2 modules waits for it.
     """
 
-    def __init__(
-        self, fsdp_param: Any, modules: Sequence[torch.nn.Module], fn: Callable[[torch.Tensor], None]
-    ):
+    def __init__(self, fsdp_param: Any, modules: Sequence[torch.nn.Module], fn: Callable[[torch.Tensor], None]):
         self._fsdp_param = fsdp_param
         self._fn = fn
         self._tensor_handle: Any = None
@@ -184,8 +182,7 @@ class DataParallel:
         self.world_size = dist.get_world_size(process_group) if self.distributed else 1
         if self.world_size < 1:
             raise ValueError(
-                "this rank is not a member of process_group; pass the data-parallel group that "
-                "contains this rank"
+                "this rank is not a member of process_group; pass the data-parallel group that contains this rank"
             )
         self.rank = dist.get_rank(process_group) if self.distributed else 0
         self._weights: dict[int, float] = {}  # id(param) -> share of its local squared norm in the global

@@ -106,8 +106,10 @@ def microbatch_batch_sizes(sizes: Sequence[float]) -> tuple[float, float]:
     return b, len(sizes) * b
 
 
-def microbatch_estimates(grads: torch.Tensor | Sequence[torch.Tensor], sizes: Sequence[float] | None = None,
-                         ) -> NoiseEstimate:
+def microbatch_estimates(
+    grads: torch.Tensor | Sequence[torch.Tensor],
+    sizes: Sequence[float] | None = None,
+) -> NoiseEstimate:
     """Estimates of ``|G|²`` and ``tr(Σ)`` from k per-microbatch mean gradients (the reference implementation).
 
     ``|G_b|² := mean_j |g_j|²`` and ``|G_B|² := |mean_j g_j|²`` with ``(b, B)`` from
@@ -141,7 +143,10 @@ def microbatch_estimates(grads: torch.Tensor | Sequence[torch.Tensor], sizes: Se
 
 @dataclass(frozen=True)
 class NoiseReading:
-    """A snapshot of :class:`NoiseScaleEstimator`. ``None`` marks a value that cannot be given yet; ``reason`` says why."""
+    """A snapshot of :class:`NoiseScaleEstimator`.
+
+    ``None`` marks a value that cannot be given yet; ``reason`` says why.
+    """
 
     noise_scale: float | None
     noise_scale_stderr: float | None
@@ -158,8 +163,21 @@ class NoiseReading:
         return {k: (math.nan if v is None else float(v)) for k, v in asdict(self).items() if k != "reason"}
 
 
-_STATE_KEYS = ("beta", "ref_batch", "steps", "examples", "weight", "weight_sq", "m_g", "m_t", "m_gg", "m_tt",
-               "m_gt", "last_grad_sq", "last_trace_sigma")
+_STATE_KEYS = (
+    "beta",
+    "ref_batch",
+    "steps",
+    "examples",
+    "weight",
+    "weight_sq",
+    "m_g",
+    "m_t",
+    "m_gg",
+    "m_tt",
+    "m_gt",
+    "last_grad_sq",
+    "last_trace_sigma",
+)
 
 
 class NoiseScaleEstimator:
@@ -259,11 +277,21 @@ class NoiseScaleEstimator:
     def raw(self) -> dict[str, float]:
         """Unclamped smoothed estimates (``grad_sq`` may be negative) and the last step's raw estimates."""
         if self.steps == 0:
-            return {"grad_sq": math.nan, "trace_sigma": math.nan, "ratio": math.nan,
-                    "last_grad_sq": math.nan, "last_trace_sigma": math.nan}
+            return {
+                "grad_sq": math.nan,
+                "trace_sigma": math.nan,
+                "ratio": math.nan,
+                "last_grad_sq": math.nan,
+                "last_trace_sigma": math.nan,
+            }
         G, T, *_ = self._moments()
-        return {"grad_sq": G, "trace_sigma": T, "ratio": T / G if G != 0 else math.nan,
-                "last_grad_sq": self.last_grad_sq, "last_trace_sigma": self.last_trace_sigma}
+        return {
+            "grad_sq": G,
+            "trace_sigma": T,
+            "ratio": T / G if G != 0 else math.nan,
+            "last_grad_sq": self.last_grad_sq,
+            "last_trace_sigma": self.last_trace_sigma,
+        }
 
     def reading(self) -> NoiseReading:
         """The current smoothed values with their standard errors, or ``None`` and a reason."""
@@ -281,9 +309,18 @@ class NoiseScaleEstimator:
         # Clamp only what is reported: tr(Σ) ≥ 0 always; |G|² ≤ 0 means the signal is not resolved yet.
         trace = max(T, 0.0)
         if G <= 0.0:
-            return NoiseReading(None, None, None, se_g, trace, se_t, self.steps, self.examples,
-                                "the |G|² estimate is not positive yet: noise dominates the signal at this horizon "
-                                "(B_noise is far above the batch size); keep training or raise beta")
+            return NoiseReading(
+                None,
+                None,
+                None,
+                se_g,
+                trace,
+                se_t,
+                self.steps,
+                self.examples,
+                "the |G|² estimate is not positive yet: noise dominates the signal at this horizon "
+                "(B_noise is far above the batch size); keep training or raise beta",
+            )
         R = trace / G
         se_r = None
         if se_g is not None and se_t is not None:

@@ -98,9 +98,7 @@ def _finite(value: Any, name: str, what: str) -> np.ndarray:
 def _positive_1d(value: Any, name: str, what: str) -> np.ndarray:
     arr = _positive(value, name, what)
     if arr.ndim != 1:
-        raise ValueError(
-            f"{name} must be a 1-D sequence (one value per run), got an array of shape {arr.shape}"
-        )
+        raise ValueError(f"{name} must be a 1-D sequence (one value per run), got an array of shape {arr.shape}")
     return arr
 
 
@@ -170,9 +168,7 @@ def optimal_lr(batch_size: Any, noise_scale: Any, lr_max: Any, optimizer: str = 
     return _out(lr * _gain(b, noise, opt))
 
 
-def lr_max_from_reference(
-    ref_lr: Any, ref_batch_size: Any, noise_scale: Any, optimizer: str = "adam"
-) -> Real:
+def lr_max_from_reference(ref_lr: Any, ref_batch_size: Any, noise_scale: Any, optimizer: str = "adam") -> Real:
     r"""ε_max from one tuned pair: the optimal LR ``ref_lr`` found at ``ref_batch_size`` (Surge sec. 3.2).
 
     .. math::
@@ -262,9 +258,7 @@ def lr_scale(
     limit = kappa if opt == "sgd" else np.sqrt(kappa)
     if noise_scale is None:
         return _out(limit)
-    noise = _positive(
-        noise_scale, "noise_scale", _NOISE + " or None/inf when not measured yet", allow_inf=True
-    )
+    noise = _positive(noise_scale, "noise_scale", _NOISE + " or None/inf when not measured yet", allow_inf=True)
     # Ratio of the two laws in closed form: B_noise cancels except in (B_noise + B_ref)/(B_noise + B), which
     # tends to 1 as B_noise → ∞; np.where keeps that limit exact instead of computing inf/inf.
     with np.errstate(invalid="ignore"):
@@ -298,9 +292,7 @@ def linear_rule(kappa: Any, lr: Any) -> float:
     return k * float(_positive(lr, "lr", _LR))
 
 
-def sqrt_rule(
-    kappa: Any, lr: Any, betas: tuple[float, float] = (0.9, 0.999), eps: Any = 1e-8
-) -> AdamHyperparams:
+def sqrt_rule(kappa: Any, lr: Any, betas: tuple[float, float] = (0.9, 0.999), eps: Any = 1e-8) -> AdamHyperparams:
     r"""Malladi's square-root scaling rule for Adam / RMSprop when the batch is multiplied by κ.
 
     .. math::
@@ -508,8 +500,7 @@ def fit_critical_batch(batch_sizes: Any, steps: Any, method: str = "linear") -> 
     s = _positive_1d(steps, "steps", "a sequence of finite positive step counts")
     if b.shape != s.shape:
         raise ValueError(
-            f"batch_sizes and steps must have the same length (one step count per run),"
-            f" got {b.size} and {s.size}"
+            f"batch_sizes and steps must have the same length (one step count per run), got {b.size} and {s.size}"
         )
     if b.size < 2 or np.unique(b).size < 2:
         raise ValueError(
@@ -607,9 +598,7 @@ def _moments(mu: Any, sigma: Any, hessian: Any) -> tuple[np.ndarray, np.ndarray,
     if sd.shape != (n,):
         raise ValueError(f"sigma must have the shape of mu, {(n,)}, got {sd.shape}")
     if h.shape not in ((n,), (n, n)):
-        raise ValueError(
-            f"hessian must be an ({n}, {n}) matrix or its diagonal of shape ({n},), got {h.shape}"
-        )
+        raise ValueError(f"hessian must be an ({n}, {n}) matrix or its diagonal of shape ({n},), got {h.shape}")
     return m, sd, h
 
 

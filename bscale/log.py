@@ -85,9 +85,7 @@ def _check_step(step: object) -> int:
 def _as_floats(stats: Mapping[str, Any]) -> dict[str, float]:
     """Every value of ``stats`` as a Python float (NaN and inf kept), in the mapping's order."""
     if not isinstance(stats, Mapping):
-        raise ValueError(
-            f"stats must be a mapping of names to numbers (such as opt.stats), got {type(stats)}"
-        )
+        raise ValueError(f"stats must be a mapping of names to numbers (such as opt.stats), got {type(stats)}")
     out: dict[str, float] = {}
     for key, value in stats.items():
         if not isinstance(key, str):
@@ -205,9 +203,7 @@ class JSONLLogger(Logger):
 
     def log(self, stats: Mapping[str, float], step: int) -> None:
         if self._file is None:
-            raise RuntimeError(
-                f"JSONLLogger({str(self.path)!r}) is closed; create a new logger to write again"
-            )
+            raise RuntimeError(f"JSONLLogger({str(self.path)!r}) is closed; create a new logger to write again")
         record: dict[str, float | int | None] = {"step": _check_step(step)}
         for key, value in _as_floats(stats).items():
             if key != "step":
@@ -274,9 +270,7 @@ class TensorBoardLogger(Logger):
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                raise ImportError(
-                    "TensorBoardLogger needs the tensorboard package: pip install tensorboard"
-                ) from err
+                raise ImportError("TensorBoardLogger needs the tensorboard package: pip install tensorboard") from err
             self._writer: Any = SummaryWriter(log_dir=os.fspath(log_dir_or_writer))
             self._owns_writer = True
         elif callable(getattr(log_dir_or_writer, "add_scalar", None)):
@@ -475,9 +469,7 @@ class LightningCallback:
             if owner is None:
                 owner = _find_stats_owner(given())
             if owner is None:
-                raise RuntimeError(
-                    "the optimizer getter returned an object without .stats; return bscale.wrap(...)"
-                )
+                raise RuntimeError("the optimizer getter returned an object without .stats; return bscale.wrap(...)")
             return owner
         for candidate in getattr(trainer, "optimizers", ()) or ():
             owner = _find_stats_owner(candidate)
@@ -488,9 +480,7 @@ class LightningCallback:
             "from configure_optimizers, or pass LightningCallback(optimizer_or_getter=...)"
         )
 
-    def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Log the statistics if an optimizer step was taken since the last call and is due."""
         step = int(trainer.global_step)
         if step == self._last_step or step == 0 or step % self.every_n_steps != 0:
@@ -534,9 +524,7 @@ class PrintLogger(Logger):
         elif not isinstance(logger, logging.Logger):
             raise ValueError(f"logger must be a logging.Logger, a logger name or None, got {type(logger)}")
         if isinstance(keys, str):
-            raise ValueError(
-                f"keys must be a sequence of names, got the single string {keys!r}; wrap it in a tuple"
-            )
+            raise ValueError(f"keys must be a sequence of names, got the single string {keys!r}; wrap it in a tuple")
         self.keys = tuple(keys)
         if not all(isinstance(k, str) for k in self.keys):
             raise ValueError(f"keys must be strings, got {self.keys!r}")

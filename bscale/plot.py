@@ -85,9 +85,7 @@ def _build_figure(records: list[Mapping[str, Any]], title: str | None) -> Figure
             # cannot draw it further, and the cut keeps the axis range set by the data, not the band.
             floor = 0.5 * positive.min()
             low = np.maximum(noise[band] - stderr[band], floor)
-            ax.fill_between(
-                x[band], low, noise[band] + stderr[band], color="C0", alpha=0.25, label="± stderr"
-            )
+            ax.fill_between(x[band], low, noise[band] + stderr[band], color="C0", alpha=0.25, label="± stderr")
     else:
         ax.text(0.5, 0.5, "no B_noise estimate yet", transform=ax.transAxes, ha="center", va="center")
     if ok_batch.any():
@@ -111,9 +109,7 @@ def _build_figure(records: list[Mapping[str, Any]], title: str | None) -> Figure
         ax = axes[panel]
         ok = np.isfinite(x) & np.isfinite(lr_scale)
         ax.plot(x[ok], lr_scale[ok], color="C1")
-        ax.axhline(
-            1.0, color="0.5", linestyle="--", linewidth=0.8
-        )  # 1.0: the learning rate as the user set it
+        ax.axhline(1.0, color="0.5", linestyle="--", linewidth=0.8)  # 1.0: the learning rate as the user set it
         ax.set_ylabel("lr scale")
         ax.grid(True, alpha=0.3)
     axes[-1].set_xlabel(x_label)

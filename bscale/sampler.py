@@ -83,8 +83,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             n = len(data_source_or_len)
         else:
             raise ValueError(
-                "data_source_or_len must be a dataset with len() or its length, "
-                f"got {type(data_source_or_len)!r}"
+                f"data_source_or_len must be a dataset with len() or its length, got {type(data_source_or_len)!r}"
             )
         distributed = dist.is_available() and dist.is_initialized()
         if num_replicas is None:

@@ -55,8 +55,7 @@ def warmup_cosine(warmup_examples: float, total_examples: float, min_ratio: floa
         raise ValueError(f"warmup_examples must be a non-negative, finite count, got {warmup_examples!r}")
     if isinstance(total_examples, bool) or not (warmup_examples < total_examples < math.inf):
         raise ValueError(
-            f"total_examples must be finite and exceed warmup_examples={warmup_examples!r}, "
-            f"got {total_examples!r}"
+            f"total_examples must be finite and exceed warmup_examples={warmup_examples!r}, got {total_examples!r}"
         )
     if not (0.0 <= min_ratio <= 1.0):
         raise ValueError(f"min_ratio must lie in [0, 1], got {min_ratio!r}")

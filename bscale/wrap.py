@@ -9,15 +9,15 @@ import sys
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
 from . import laws
 from .estimate import NoiseScaleEstimator
-from .kernels import accumulate_sq_norms, coordinate_stats, sq_norms
+from .kernels import accumulate_sq_norms, coordinate_stats
 
 __all__ = ["ScaledOptimizer", "wrap"]
 
@@ -153,8 +153,10 @@ class ScaledOptimizer(Optimizer):
         if isinstance(optimizer, ScaledOptimizer):
             raise ValueError("this optimizer is already wrapped by bscale; wrap the inner optimizer once")
         if isinstance(optimizer, torch.optim.LBFGS):
-            raise ValueError("LBFGS re-evaluates its closure several times per step; bscale cannot attribute "
-                             "microbatches there: wrap a first-order optimizer instead")
+            raise ValueError(
+                "LBFGS re-evaluates its closure several times per step; bscale cannot attribute "
+                "microbatches there: wrap a first-order optimizer instead"
+            )
         _check_positive("microbatch_size", microbatch_size)
         if rule is not None and rule not in _RULES:
             raise ValueError(f"Invalid rule: {rule!r}; choose one of {_RULES} or None to observe only")
@@ -171,17 +173,22 @@ class ScaledOptimizer(Optimizer):
         _check_positive("bucket_mb", bucket_mb, unit="MiB")
         if backend is not None and (not isinstance(backend, str) or backend.strip().lower() not in _BACKENDS):
             # Checked here: the kernels would raise it from a gradient hook, in the middle of a backward.
-            raise ValueError(f"Invalid backend: {backend!r}; use None (choose from the device) or one of "
-                             f"{_BACKENDS}")
+            raise ValueError(f"Invalid backend: {backend!r}; use None (choose from the device) or one of {_BACKENDS}")
         if scale_adam_hparams and rule is None:
-            raise ValueError("scale_adam_hparams=True rescales betas and eps along with the learning rate: "
-                             "pass a rule ('noise', 'linear' or 'sqrt'), or drop scale_adam_hparams")
+            raise ValueError(
+                "scale_adam_hparams=True rescales betas and eps along with the learning rate: "
+                "pass a rule ('noise', 'linear' or 'sqrt'), or drop scale_adam_hparams"
+            )
         if scale_adam_hparams and "betas" not in optimizer.defaults:
-            raise ValueError(f"scale_adam_hparams=True needs an optimizer with betas (Adam, AdamW, ...); "
-                             f"{type(optimizer).__name__} has none: drop scale_adam_hparams")
+            raise ValueError(
+                f"scale_adam_hparams=True needs an optimizer with betas (Adam, AdamW, ...); "
+                f"{type(optimizer).__name__} has none: drop scale_adam_hparams"
+            )
         if grad_scaler is not None and not all(hasattr(grad_scaler, a) for a in ("get_scale", "is_enabled")):
-            raise ValueError(f"Invalid grad_scaler: {type(grad_scaler).__name__}; pass the "
-                             "torch.amp.GradScaler that scales the loss, or None")
+            raise ValueError(
+                f"Invalid grad_scaler: {type(grad_scaler).__name__}; pass the "
+                "torch.amp.GradScaler that scales the loss, or None"
+            )
         if callable(getattr(loggers, "log", None)):
             raise ValueError("loggers takes a sequence of loggers: pass loggers=[logger]")
         loggers = list(loggers)
@@ -192,10 +199,16 @@ class ScaledOptimizer(Optimizer):
             named_parameters = list(named_parameters)
             for item in named_parameters:
                 # model.parameters() by mistake would unpack a 2-row weight as a (name, tensor) pair silently.
-                if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
-                        and isinstance(item[1], torch.Tensor)):
-                    raise ValueError("named_parameters must yield (name, parameter) pairs: pass "
-                                     "model.named_parameters(), not model.parameters()")
+                if not (
+                    isinstance(item, tuple)
+                    and len(item) == 2
+                    and isinstance(item[0], str)
+                    and isinstance(item[1], torch.Tensor)
+                ):
+                    raise ValueError(
+                        "named_parameters must yield (name, parameter) pairs: pass "
+                        "model.named_parameters(), not model.parameters()"
+                    )
         # Optimizer.__init__ would rebuild param_groups: set up the hook tables and step patching ourselves.
         self.optimizer = optimizer
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -417,9 +430,14 @@ class ScaledOptimizer(Optimizer):
             self._small = torch.zeros(len(self._params), dtype=torch.float32, device=device)
         coord = None
         if self.per_coordinate:
-            coord = [self._coord_buffer(s, g) for s, g in zip(self._pending_slots, self._pending)]
-        accumulate_sq_norms(self._pending, self._small, self._slots_tensor(self._pending_slots, device),
-                            coord_sq=coord, backend=self.backend)
+            coord = [self._coord_buffer(s, g) for s, g in zip(self._pending_slots, self._pending, strict=True)]
+        accumulate_sq_norms(
+            self._pending,
+            self._small,
+            self._slots_tensor(self._pending_slots, device),
+            coord_sq=coord,
+            backend=self.backend,
+        )
         self._pending, self._pending_slots, self._pending_bytes = [], [], 0
 
     def _slots_tensor(self, slots: list[int], device: torch.device) -> torch.Tensor:
@@ -588,10 +606,14 @@ class ScaledOptimizer(Optimizer):
         # Each rank's share of the synchronised gradient's squared norm: 1/W replicated (DDP), 1 sharded.
         w = self._dp.grad_weights(self._params, self._big.device)
         big = self._big if isinstance(w, float) and w == 1.0 else self._big * w
-        scalars = [self._small.sum(), big.sum(),
-                   torch.as_tensor(0.0 if found_inf is None else found_inf, device=device, dtype=torch.float32)
-                   .reshape(()).float(),
-                   torch.as_tensor(scale, device=device, dtype=torch.float32).reshape(()).float()]
+        scalars = [
+            self._small.sum(),
+            big.sum(),
+            torch.as_tensor(0.0 if found_inf is None else found_inf, device=device, dtype=torch.float32)
+            .reshape(())
+            .float(),
+            torch.as_tensor(scale, device=device, dtype=torch.float32).reshape(()).float(),
+        ]
         per_layer = self._param_names is not None
         packed = torch.stack(scalars)
         if per_layer:
@@ -605,11 +627,15 @@ class ScaledOptimizer(Optimizer):
         # Cross-rank: sums of microbatch statistics and counts; identical on every rank afterwards.
         # The loss scale and per-coordinate summaries are averaged over ranks, everything else summed.
         coord_start = 4 + (2 * len(self._layers) if per_layer else 0)
-        reduced = self._dp.reduce_step(packed, k_local=k_local, inv_sizes=inv_sizes, big_slice=slice(1, 2),
-                                       layer_big_slice=slice(4 + len(self._layers), 4 + 2 * len(self._layers))
-                                       if per_layer else None,
-                                       mean_slices=(slice(3, 4), slice(coord_start, packed.numel())),
-                                       examples=math.fsum(self._sizes))
+        reduced = self._dp.reduce_step(
+            packed,
+            k_local=k_local,
+            inv_sizes=inv_sizes,
+            big_slice=slice(1, 2),
+            layer_big_slice=slice(4 + len(self._layers), 4 + 2 * len(self._layers)) if per_layer else None,
+            mean_slices=(slice(3, 4), slice(coord_start, packed.numel())),
+            examples=math.fsum(self._sizes),
+        )
         values = reduced["values"].tolist()  # the one host sync of the step
         k, inv_sizes_total, k_local_for_mean = reduced["microbatches"], reduced["inv_sizes"], k_local
         self._step_microbatches = float(k)
@@ -638,8 +664,9 @@ class ScaledOptimizer(Optimizer):
             L = len(self._layers)
             for i, name in enumerate(self._layers):
                 s, g = values[4 + i], values[4 + L + i]
-                est = self._layer_estimators.setdefault(name, NoiseScaleEstimator(self.estimator.beta,
-                                                                                  ref_batch=self.estimator.ref_batch))
+                est = self._layer_estimators.setdefault(
+                    name, NoiseScaleEstimator(self.estimator.beta, ref_batch=self.estimator.ref_batch)
+                )
                 est.update(s / k * to_true, g / m**2 * to_true, b, B)
         if coord is not None:
             base = 4 + (2 * len(self._layers) if per_layer else 0)
@@ -659,8 +686,15 @@ class ScaledOptimizer(Optimizer):
 
     # ---- per-coordinate statistics (opt-in) -----------------------------------------------------------------------
 
-    _COORD_KEYS = ("sum_mu_sq", "sum_sigma_sq", "sum_mu_sq_over_sigma", "num_coords", "precond_small", "precond_big",
-                   "frac_small_batch")
+    _COORD_KEYS = (
+        "sum_mu_sq",
+        "sum_sigma_sq",
+        "sum_mu_sq_over_sigma",
+        "num_coords",
+        "precond_small",
+        "precond_big",
+        "frac_small_batch",
+    )
 
     def _coordinate_stats(self, k_local: int) -> torch.Tensor | None:
         slots = sorted(self._coord_sq)
@@ -687,8 +721,8 @@ class ScaledOptimizer(Optimizer):
         return torch.cat([torch.stack(vals), hist])
 
     def _record_coordinate_stats(self, values: list[float], k: int, b: float, B: float, c: float) -> None:
-        d = dict(zip(self._COORD_KEYS, values[: len(self._COORD_KEYS)]))
-        hist = values[len(self._COORD_KEYS):]
+        d = dict(zip(self._COORD_KEYS, values[: len(self._COORD_KEYS)], strict=True))
+        hist = values[len(self._COORD_KEYS) :]
         # The kernels see gradients in the hooks' units (c·g): squares carry c², μ²/σ carries c.
         self._coord = {
             "coord/sum_mu_sq": d["sum_mu_sq"] / (c * c),
@@ -700,9 +734,10 @@ class ScaledOptimizer(Optimizer):
         for i, h in enumerate(hist):
             self._coord[f"coord/snr_hist/{i}"] = h / total
         if math.isfinite(d["precond_small"]) and self._dp.world_size == 1:
-            est = self._layer_estimators.setdefault("__adam_preconditioned__",
-                                                    NoiseScaleEstimator(self.estimator.beta,
-                                                                        ref_batch=self.estimator.ref_batch))
+            est = self._layer_estimators.setdefault(
+                "__adam_preconditioned__",
+                NoiseScaleEstimator(self.estimator.beta, ref_batch=self.estimator.ref_batch),
+            )
             est.update(d["precond_small"], d["precond_big"], b, B)
 
     # ---- learning rate --------------------------------------------------------------------------------------------
@@ -728,7 +763,7 @@ class ScaledOptimizer(Optimizer):
         for group in self.param_groups:
             keep = {"lr": group["lr"]}
             lr = group["lr"]
-            group["lr"] = lr * scale if not isinstance(lr, torch.Tensor) else lr * scale
+            group["lr"] = lr * scale  # out of place, also for a tensor LR: the user's object is restored as is
             if hparams is not None and "betas" in group:
                 keep["betas"], keep["eps"] = group["betas"], group["eps"]
                 try:
@@ -737,14 +772,17 @@ class ScaledOptimizer(Optimizer):
                     # Every group goes back to the user's values, the groups already scaled included.
                     group.update(keep)
                     self._restore(saved)
-                    raise RuntimeError(f"bscale: cannot rescale Adam's betas for this batch ({e}); pass "
-                                       "scale_adam_hparams=False or a larger ref_batch") from e
+                    raise RuntimeError(
+                        f"bscale: cannot rescale Adam's betas for this batch ({e}); pass "
+                        "scale_adam_hparams=False or a larger ref_batch"
+                    ) from e
                 group["betas"], group["eps"] = h.betas, h.eps
             saved.append(keep)
         return saved
 
     def _restore(self, saved: list[dict[str, Any]]) -> None:
-        for group, keep in zip(self.param_groups, saved):
+        # `saved` may be shorter (an error part-way through _apply_scaling): restore what was changed.
+        for group, keep in zip(self.param_groups, saved, strict=False):
             group.update(keep)
 
     # ---- readings -------------------------------------------------------------------------------------------------
@@ -771,8 +809,9 @@ class ScaledOptimizer(Optimizer):
             opt = ref_lr * laws.lr_scale(batch, ref_batch, B_noise, rule="noise", optimizer=self.law)
             peak = laws.peak_batch(B_noise, optimizer=self.law)
             # lr = 0 is a legal setting (observing only, a warmup from 0) but no reference for lr_max.
-            lr_max = (laws.lr_max_from_reference(ref_lr, ref_batch, B_noise, optimizer=self.law)
-                      if ref_lr > 0 else math.nan)
+            lr_max = (
+                laws.lr_max_from_reference(ref_lr, ref_batch, B_noise, optimizer=self.law) if ref_lr > 0 else math.nan
+            )
         else:
             opt, peak, lr_max = math.nan, math.nan, math.nan
         raw = self.estimator.raw
@@ -823,12 +862,14 @@ class ScaledOptimizer(Optimizer):
         """The batch size for the next step: the controller's decision, else the last step's batch."""
         if self.controller is not None:
             return self.controller.batch_size
-        return None if not math.isfinite(self._last_batch) else int(round(self._last_batch))
+        return None if not math.isfinite(self._last_batch) else round(self._last_batch)
 
     def accumulation_steps(self, world_size: int | None = None) -> int:
         """Microbatches per rank for the next step under the controller: ``batch / (microbatch × world)``."""
         if self.controller is None:
-            raise RuntimeError("accumulation_steps() needs a controller: wrap(..., controller=BatchSizeController(...))")
+            raise RuntimeError(
+                "accumulation_steps() needs a controller: wrap(..., controller=BatchSizeController(...))"
+            )
         world = self._dp.world_size if world_size is None else world_size
         micro = self.microbatch_size
         # 128.0 or a numpy integer names the same microbatch as 128; the controller counts in Python ints.

@@ -35,9 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200, help="optimizer steps in all (default: 200)")
     p.add_argument("--accum", type=int, default=2, help="microbatches per rank per step (default: 2)")
     p.add_argument("--micro-batch", type=int, default=16, help="examples per microbatch (default: 16)")
-    p.add_argument(
-        "--lr", type=float, default=0.05, help="learning rate at the first step's batch (default: 0.05)"
-    )
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate at the first step's batch (default: 0.05)")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     p.add_argument(
         "--rule",
@@ -45,9 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none",
         help="learning-rate scaling rule applied by bscale (default: none, observe only)",
     )
-    p.add_argument(
-        "--ckpt-dir", default="runs/ddp_train", help="checkpoints go here (default: runs/ddp_train)"
-    )
+    p.add_argument("--ckpt-dir", default="runs/ddp_train", help="checkpoints go here (default: runs/ddp_train)")
     p.add_argument("--ckpt-every", type=int, default=50, help="save every N steps (default: 50)")
     p.add_argument("--log-every", type=int, default=10, help="print every N steps (default: 10)")
     p.add_argument(
@@ -58,9 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out-json", default=None, help="rank 0 writes the final readings here")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--debug", action="store_true", help="check every step that all ranks agree (bscale debug)"
-    )
+    p.add_argument("--debug", action="store_true", help="check every step that all ranks agree (bscale debug)")
     return p.parse_args(argv)
 
 
@@ -147,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"resumed from step {start} ({ckpt})", flush=True)
     if rank == 0:
-        print(
-            f"{world} ranks × {args.accum} microbatches of {args.micro_batch} examples per step", flush=True
-        )
+        print(f"{world} ranks × {args.accum} microbatches of {args.micro_batch} examples per step", flush=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     # DDP after loading: it broadcasts rank 0's parameters, identical here anyway.
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
@@ -175,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 and (done % args.log_every == 0 or done == args.steps):
             s = opt.stats
             ns, se = s["noise_scale"], s["noise_scale_stderr"]
-            reading = (
-                f"B_noise {ns:7.1f} ± {se:5.1f}" if math.isfinite(ns) else f"B_noise  n/a ({opt.reason})"
-            )
+            reading = f"B_noise {ns:7.1f} ± {se:5.1f}" if math.isfinite(ns) else f"B_noise  n/a ({opt.reason})"
             print(
                 f"step {done:5d}  loss {float(total):.4f}  batch {s['batch_size']:.0f}  {reading}  "
                 f"lr_scale {s['lr_scale']:.3f}",

@@ -26,7 +26,7 @@ sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=300)
 
 for step in range(300):
     idx = torch.randint(len(X), (micro * accum,))
-    for xb, yb in zip(X[idx].chunk(accum), y[idx].chunk(accum)):
+    for xb, yb in zip(X[idx].chunk(accum), y[idx].chunk(accum), strict=True):
         loss = nn.functional.cross_entropy(model(xb), yb) / accum
         loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -35,7 +35,9 @@ for step in range(300):
     sched.step()
     if (step + 1) % 50 == 0:
         s = opt.stats  # bscale line 2
-        print(f"step {step + 1}: loss {loss.item() * accum:.3f}  "
-              f"B_noise {bscale.format_noise_scale(s['noise_scale'], s['noise_scale_stderr'])} examples  "
-              f"(batch {int(s['batch_size'])}); Adam's optimal LR would peak at {s['lr_max']:.2e} "
-              f"with a batch of {s['peak_batch']:.0f}")
+        print(
+            f"step {step + 1}: loss {loss.item() * accum:.3f}  "
+            f"B_noise {bscale.format_noise_scale(s['noise_scale'], s['noise_scale_stderr'])} examples  "
+            f"(batch {int(s['batch_size'])}); Adam's optimal LR would peak at {s['lr_max']:.2e} "
+            f"with a batch of {s['peak_batch']:.0f}"
+        )

@@ -223,9 +223,7 @@ def test_adam_hparams_follow_the_square_root_rule_and_are_restored():
     model = _mlp()
     inner = _two_groups(model, "adamw", betas=(0.9, 0.99), eps=1e-6)
     user = [(g["lr"], tuple(g["betas"]), g["eps"]) for g in inner.param_groups]
-    opt = wrap(
-        inner, microbatch_size=MICRO, rule="sqrt", scale_adam_hparams=True, controller=_Script(batches)
-    )
+    opt = wrap(inner, microbatch_size=MICRO, rule="sqrt", scale_adam_hparams=True, controller=_Script(batches))
     seen = _record_inner_step(opt)
     for step, planned in enumerate(batches):
         _train_step(model, opt, step)
@@ -250,18 +248,14 @@ def test_a_batch_beyond_the_square_root_rule_raises_and_leaves_every_group_as_it
         ]
     )
     user = [(g["lr"], tuple(g["betas"]), g["eps"]) for g in inner.param_groups]
-    opt = wrap(
-        inner, microbatch_size=MICRO, rule="noise", scale_adam_hparams=True, controller=_Script([8, 8, 64])
-    )
+    opt = wrap(inner, microbatch_size=MICRO, rule="noise", scale_adam_hparams=True, controller=_Script([8, 8, 64]))
     _train_step(model, opt, 0)
     _train_step(model, opt, 1)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match=r"cannot rescale Adam's betas.*beta1.*scale_adam_hparams=False"):
         _train_step(model, opt, 2)
     assert [(g["lr"], tuple(g["betas"]), g["eps"]) for g in inner.param_groups] == user
-    assert all(
-        torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
-    )  # no step was taken
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # no step was taken
     assert opt.steps == 2
 
 

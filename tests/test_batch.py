@@ -121,9 +121,7 @@ def test_grow_only_never_shrinks():
 
 
 def test_shrinking_waits_for_the_band():
-    ctl = BatchSizeController(
-        min_batch=10, max_batch=10_000, grow_only=False, hysteresis=2.0, initial_batch=400
-    )
+    ctl = BatchSizeController(min_batch=10, max_batch=10_000, grow_only=False, hysteresis=2.0, initial_batch=400)
     assert feed(ctl, [201.0, 200.0]) == [400, 200]
 
 
@@ -304,9 +302,7 @@ def test_accumulation_steps():
     ctl = BatchSizeController(min_batch=64, max_batch=4096, multiple_of=64, initial_batch=896)
     assert ctl.accumulation_steps(32, world_size=2) == 14
     assert ctl.accumulation_steps(896) == 1
-    with pytest.raises(
-        ValueError, match=r"not a multiple of microbatch_size x world_size = 256.*multiple_of=256"
-    ):
+    with pytest.raises(ValueError, match=r"not a multiple of microbatch_size x world_size = 256.*multiple_of=256"):
         ctl.accumulation_steps(128, world_size=2)
 
 

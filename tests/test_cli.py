@@ -55,9 +55,7 @@ def test_adam_table_numbers(capsys):
     assert [float(x) for x in noise_row[2:5]] == [0.9, 0.999, 1e-8]  # only the LR changes
     law = line_with(out, "law (Surge eq. 2)")
     lr_max = lr_max_from_reference(1e-3, 64, 1000, "adam")
-    assert number_after(law, "at batch 256 = ") == pytest.approx(
-        optimal_lr(256, 1000, lr_max, "adam"), rel=1e-5
-    )
+    assert number_after(law, "at batch 256 = ") == pytest.approx(optimal_lr(256, 1000, lr_max, "adam"), rel=1e-5)
     assert number_after(law, "lr_max = ") == pytest.approx(lr_max, rel=1e-5)
     assert number_after(line_with(out, "peak batch"), "peak batch = ") == 1000.0
     assert "past the peak" not in out
@@ -85,9 +83,7 @@ def test_adam_default_optimizer_and_custom_betas(capsys):
 
 
 def test_adam_past_the_peak_and_sqrt_not_applicable(capsys):
-    out = run(
-        capsys, ["lr", "--ref-lr", "1e-3", "--ref-batch", "64", "--batch", "2048", "--noise-scale", "1000"]
-    )
+    out = run(capsys, ["lr", "--ref-lr", "1e-3", "--ref-batch", "64", "--batch", "2048", "--noise-scale", "1000"])
     rows = table(out)
     assert rows["sqrt"][:5] == ["-"] * 5
     sqrt_line = line_with(out, "sqrt")

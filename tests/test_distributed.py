@@ -97,9 +97,7 @@ def test_reference_is_informative(ref):
     assert 1.0 < last["lr_scale"] < 2.0
 
 
-@pytest.mark.parametrize(
-    "run", ["ddp_no_sync", "ddp_sync", "ddp_bucket_view_scaler", "fsdp_no_sync", "fsdp_sync"]
-)
+@pytest.mark.parametrize("run", ["ddp_no_sync", "ddp_sync", "ddp_bucket_view_scaler", "fsdp_no_sync", "fsdp_sync"])
 def test_matches_one_process(job, ref, run):
     """W=2 ranks × A=2 microbatches equal one process accumulating the same 4 microbatches."""
     for rank in range(WORLD):

@@ -257,9 +257,7 @@ def test_standard_errors_match_the_weighted_closed_form(batches):
     # √(Σa² · s²) with s² = Σ a (x − x̄)² / (1 − Σa²), and the ratio's by the delta method.
     beta, ref = 0.8, 32
     gen = torch.Generator().manual_seed(len(batches))
-    xs = (
-        torch.rand(len(batches), 2, generator=gen, dtype=F64) * torch.tensor([2.0, 50.0], dtype=F64) + 1
-    ).tolist()
+    xs = (torch.rand(len(batches), 2, generator=gen, dtype=F64) * torch.tensor([2.0, 50.0], dtype=F64) + 1).tolist()
     est = NoiseScaleEstimator(beta, ref_batch=ref)
     for (g, t), B in zip(xs, batches, strict=True):
         est.add(g, t, B)

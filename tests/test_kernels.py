@@ -21,9 +21,7 @@ from bscale.kernels._testing import assert_close_verbose
 HAS_TRITON = dispatch.triton_available()
 BACKENDS = [
     "torch",
-    pytest.param(
-        "triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="no triton")]
-    ),
+    pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="no triton")]),
 ]
 # Tolerance against the float64 norm of the values *before* rounding to the gradient dtype: the rounding of
 # each element (2^-24, 2^-9, 2^-11 relative) bounds the relative error of a sum of squares by twice that.

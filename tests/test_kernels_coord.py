@@ -17,9 +17,7 @@ from bscale.kernels._testing import assert_close_verbose
 HAS_TRITON = dispatch.triton_available()
 BACKENDS = [
     "torch",
-    pytest.param(
-        "triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="no triton")]
-    ),
+    pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="no triton")]),
 ]
 SCALARS = ["sum_mu_sq", "sum_sigma_sq", "sum_mu_sq_over_sigma", "num_coords", "frac_small_batch"]
 
@@ -40,11 +38,7 @@ def _microbatches(shapes, k: int) -> list[torch.Tensor]:
     grads = []
     for shape in shapes:
         sigma = torch.exp(torch.randn(shape, dtype=torch.float64))
-        mu = (
-            sigma
-            * torch.exp(torch.empty(shape, dtype=torch.float64).uniform_(-7, 1.0))
-            * torch.randn(shape).sign()
-        )
+        mu = sigma * torch.exp(torch.empty(shape, dtype=torch.float64).uniform_(-7, 1.0)) * torch.randn(shape).sign()
         grads.append(mu + sigma * torch.randn((k, *shape), dtype=torch.float64))
     return grads
 
@@ -102,9 +96,7 @@ def test_closed_form_from_microbatch_gradients(backend, seed):
     gd = [g.double() for g in gs]
     mean = [g.mean(0) for g in gd]
     p2 = [1.0 / (x.double().sqrt() + 1e-8) ** 2 for x in v]
-    sigma_sq = torch.cat(
-        [(b / (k - 1) * ((g - m) ** 2).sum(0)).flatten() for g, m in zip(gd, mean, strict=True)]
-    )
+    sigma_sq = torch.cat([(b / (k - 1) * ((g - m) ** 2).sum(0)).flatten() for g, m in zip(gd, mean, strict=True)])
     mu = torch.cat([m.flatten() for m in mean])
     closed = {
         "sum_mu_sq": (mu**2).sum(),
@@ -160,9 +152,7 @@ def test_synthetic_gaussian_coordinates(backend, seed):
 
     # P(snr̂ < e) for every edge, per group (λ is a group constant); bin probabilities are differences.
     lam = [big_b * r**2 for r in group_snr]
-    cdf = torch.tensor(
-        [[stats_mod.ncf.cdf(big_b * e**2, 1, k - 1, x) for e in K.DEFAULT_SNR_EDGES] for x in lam]
-    )
+    cdf = torch.tensor([[stats_mod.ncf.cdf(big_b * e**2, 1, k - 1, x) for e in K.DEFAULT_SNR_EDGES] for x in lam])
     cdf = torch.cat([torch.zeros(len(lam), 1), cdf, torch.ones(len(lam), 1)], dim=1).double()
     p_bin = cdf.diff(dim=1).clamp_min(0)
     expected = per_group * p_bin.sum(0)

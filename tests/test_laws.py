@@ -167,9 +167,7 @@ def test_linear_rule_max_kappa():
     # A stricter tolerance c shrinks the bound as c² - 1.
     assert linear_rule_max_kappa(2.0, 1000.0, 50, c=1.1) == pytest.approx(0.21 * 10.0, rel=1e-12)
     # Along a run: the minimum over the steps.
-    assert linear_rule_max_kappa([2.0, 4.0, 1.0], [1000.0, 1000.0, 1000.0], 50) == pytest.approx(
-        5.0, rel=1e-15
-    )
+    assert linear_rule_max_kappa([2.0, 4.0, 1.0], [1000.0, 1000.0, 1000.0], 50) == pytest.approx(5.0, rel=1e-15)
     assert linear_rule_max_kappa([2.0, 2.0], 1000.0, [50, 100]) == pytest.approx(5.0, rel=1e-15)
     assert isinstance(linear_rule_max_kappa([2.0, 4.0], 1000.0, 50), float)
 
@@ -298,9 +296,7 @@ def test_lr_scale_identity(b, noise, rule, opt):
     opt=st.sampled_from(OPTIMIZERS),
 )
 def test_lr_scale_composes(b0, b1, b2, noise, rule, opt):
-    step = lr_scale(b1, b0, noise, rule=rule, optimizer=opt) * lr_scale(
-        b2, b1, noise, rule=rule, optimizer=opt
-    )
+    step = lr_scale(b1, b0, noise, rule=rule, optimizer=opt) * lr_scale(b2, b1, noise, rule=rule, optimizer=opt)
     assert step == pytest.approx(lr_scale(b2, b0, noise, rule=rule, optimizer=opt), rel=1e-12)
 
 
@@ -398,9 +394,7 @@ def _surge_problem(n: int = 400, snr: float = 1e-3, seed: int = 0):
 def test_exact_one_coordinate_closed_form():
     # n = 1, μ = σ = 1, H = 2: ε_opt = E / ((1 - E²)·2 + E²·2) = E/2, E = erf(√(B/2)).
     for b in (0.5, 2.0, 8.0):
-        assert adam_optimal_lr_exact([1.0], [1.0], [[2.0]], b) == pytest.approx(
-            math.erf(math.sqrt(b / 2)) / 2
-        )
+        assert adam_optimal_lr_exact([1.0], [1.0], [[2.0]], b) == pytest.approx(math.erf(math.sqrt(b / 2)) / 2)
         assert adam_optimal_lr_exact([1.0], [1.0], [2.0], b) == pytest.approx(math.erf(math.sqrt(b / 2)) / 2)
 
 

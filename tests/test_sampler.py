@@ -48,12 +48,8 @@ def test_one_process_covers_the_epoch_once_across_size_changes():
 def test_fixed_size_equals_distributed_sampler(n, reps, shuffle, drop_last):
     # At one batch size each rank's stream is its DistributedSampler shard, cut into pieces.
     for rank in range(reps):
-        ours = AdaptiveBatchSampler(
-            n, 3, shuffle=shuffle, seed=5, drop_last=drop_last, num_replicas=reps, rank=rank
-        )
-        ref = DistributedSampler(
-            range(n), num_replicas=reps, rank=rank, shuffle=shuffle, seed=5, drop_last=drop_last
-        )
+        ours = AdaptiveBatchSampler(n, 3, shuffle=shuffle, seed=5, drop_last=drop_last, num_replicas=reps, rank=rank)
+        ref = DistributedSampler(range(n), num_replicas=reps, rank=rank, shuffle=shuffle, seed=5, drop_last=drop_last)
         for epoch in (0, 2):
             ours.set_epoch(epoch)
             ref.set_epoch(epoch)

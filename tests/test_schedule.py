@@ -193,9 +193,7 @@ def test_bad_schedule_arguments_and_calls():
     opt = make_opt(groups=2)
     with pytest.raises(TypeError, match="is not an Optimizer"):
         ExampleSchedule(object(), lambda x: 1.0)
-    with pytest.raises(
-        ValueError, match="lr_lambda has 1 callables for 2 parameter groups; pass one per group"
-    ):
+    with pytest.raises(ValueError, match="lr_lambda has 1 callables for 2 parameter groups; pass one per group"):
         ExampleSchedule(opt, [lambda x: 1.0])
     with pytest.raises(ValueError, match="lr_lambda must be a callable"):
         ExampleSchedule(opt, 0.5)
@@ -204,9 +202,7 @@ def test_bad_schedule_arguments_and_calls():
     with pytest.raises(ValueError, match="total_examples must be a positive, finite count"):
         ExampleSchedule(opt, lambda x: 1.0, total_examples=0)
     sched = ExampleSchedule(make_opt(), lambda x: 1.0)
-    with pytest.raises(
-        RuntimeError, match=r"call step\(examples_seen\) or construct the schedule with examples="
-    ):
+    with pytest.raises(RuntimeError, match=r"call step\(examples_seen\) or construct the schedule with examples="):
         sched.step()
     with pytest.raises(ValueError, match="examples_seen must be a non-negative, finite count"):
         sched.step(-3)

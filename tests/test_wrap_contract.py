@@ -115,12 +115,7 @@ def _flat_microbatch_grads(model, microbatches, params) -> list[torch.Tensor]:
     for x, y in microbatches:
         grads = torch.autograd.grad(((model(x) - y) ** 2).mean(), params, allow_unused=True)
         out.append(
-            torch.cat(
-                [
-                    (torch.zeros_like(p) if g is None else g).flatten()
-                    for p, g in zip(params, grads, strict=True)
-                ]
-            )
+            torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads, strict=True)])
         )
     return out
 
@@ -128,12 +123,8 @@ def _flat_microbatch_grads(model, microbatches, params) -> list[torch.Tensor]:
 def test_add_param_group_parameters_are_measured():
     (microbatches,) = _data(1, 4)
     ref = _model()
-    everything = bscale.microbatch_estimates(
-        _flat_microbatch_grads(ref, microbatches, list(ref.parameters()))
-    )
-    first_only = bscale.microbatch_estimates(
-        _flat_microbatch_grads(ref, microbatches, list(ref[0].parameters()))
-    )
+    everything = bscale.microbatch_estimates(_flat_microbatch_grads(ref, microbatches, list(ref.parameters())))
+    first_only = bscale.microbatch_estimates(_flat_microbatch_grads(ref, microbatches, list(ref[0].parameters())))
     assert not math.isclose(everything.trace_sigma, first_only.trace_sigma, rel_tol=1e-2)  # the test can fail
 
     model = _model()
@@ -234,9 +225,7 @@ def test_lr_schedulers_drive_the_wrapper(make_scheduler):
     # rule="linear", batch twice ref_batch: the inner step sees 2x the scheduler's value; the user keeps it.
     opt = wrap(inner, microbatch_size=4, rule="linear", ref_batch=4)
     seen = []
-    inner.register_step_pre_hook(
-        lambda o, a, k: seen.append((o.param_groups[0]["lr"], o.param_groups[0]["betas"]))
-    )
+    inner.register_step_pre_hook(lambda o, a, k: seen.append((o.param_groups[0]["lr"], o.param_groups[0]["betas"])))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
         scheduler = make_scheduler(opt)
@@ -313,9 +302,7 @@ def test_checkpoint_resume_is_bitwise():
 
     model = _model()
     opt = _wrapped_adamw(model)
-    resumed = [
-        (r, [p.detach().clone() for p in model.parameters()]) for r in _train_each(model, opt, data[:5])
-    ]
+    resumed = [(r, [p.detach().clone() for p in model.parameters()]) for r in _train_each(model, opt, data[:5])]
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
@@ -324,9 +311,7 @@ def test_checkpoint_resume_is_bitwise():
     model.load_state_dict(ckpt["model"])
     opt = _wrapped_adamw(model)
     opt.load_state_dict(ckpt["opt"])
-    resumed += [
-        (r, [p.detach().clone() for p in model.parameters()]) for r in _train_each(model, opt, data[5:])
-    ]
+    resumed += [(r, [p.detach().clone() for p in model.parameters()]) for r in _train_each(model, opt, data[5:])]
 
     assert any(math.isfinite(r["noise_scale"]) for r, _ in straight[5:])  # readings worth comparing
     assert any(k.startswith("layer/") for k in straight[-1][0])

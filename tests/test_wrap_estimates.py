@@ -39,9 +39,7 @@ def _hand_estimates(model, microbatches, sizes=None):
     for x, y in microbatches:
         gs = torch.autograd.grad(_loss(model, x, y), params, allow_unused=True)
         grads.append(
-            torch.cat(
-                [(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, gs, strict=True)]
-            )
+            torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, gs, strict=True)])
         )
     return bscale.microbatch_estimates(grads, sizes)
 
@@ -176,10 +174,7 @@ def test_parameters_without_a_gradient_are_fine():
             gs = torch.autograd.grad(_loss(ref, x, y), params, allow_unused=True)
             expected_grads.append(
                 torch.cat(
-                    [
-                        (torch.zeros_like(p) if g is None else g).flatten()
-                        for p, g in zip(params, gs, strict=True)
-                    ]
+                    [(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, gs, strict=True)]
                 )
             )
         expected = bscale.microbatch_estimates(expected_grads, [4.0] * 3)
@@ -244,6 +239,7 @@ def test_unequal_last_microbatch_matches_the_harmonic_mean_estimator():
     # The reported batch is the examples the step saw; the estimator itself uses B = k·(harmonic mean).
     assert opt.stats["batch_size"] == sum(sizes)
     assert opt.stats["examples"] == sum(sizes)
+    assert opt.estimator.examples == pytest.approx(len(sizes) * harmonic)
     assert opt.estimator.last_grad_sq == pytest.approx(expected.grad_sq, rel=1e-5)
     assert opt.estimator.last_trace_sigma == pytest.approx(expected.trace_sigma, rel=1e-5)
 
@@ -341,8 +337,7 @@ def _known_answer_run(specs: dict[str, tuple[int, float, float]], *, steps=200, 
         for j in range(k):
             rows = slice(j * b, (j + 1) * b)
             loss = sum(
-                0.5 * (getattr(model, n)(x[rows]).squeeze(-1) - y[rows]).pow(2).mean()
-                for n, (x, y) in batch.items()
+                0.5 * (getattr(model, n)(x[rows]).squeeze(-1) - y[rows]).pow(2).mean() for n, (x, y) in batch.items()
             )
             (loss / k).backward()
         opt.step()
@@ -367,8 +362,6 @@ def test_per_layer_readings_on_independent_problems():
     opt, truths = _known_answer_run(specs, seed=1)
     stats = opt.stats
     for name in specs:
-        assert stats[f"layer/{name}/noise_scale"] == pytest.approx(truths[name]["noise_scale"], rel=0.05), (
-            name
-        )
+        assert stats[f"layer/{name}/noise_scale"] == pytest.approx(truths[name]["noise_scale"], rel=0.05), name
     whole = sum(t["trace_sigma"] for t in truths.values()) / sum(t["grad_sq"] for t in truths.values())
     assert stats["noise_scale"] == pytest.approx(whole, rel=0.05)

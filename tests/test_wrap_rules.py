@@ -137,9 +137,7 @@ def test_optimal_lr_and_peak_batch_are_reported(make):
     stats = opt.stats
     ns = opt.noise_scale
     assert ns is not None and stats["batch_size"] == 32.0 and opt.ref_batch == 16.0
-    assert stats["optimal_lr"] == pytest.approx(
-        lr * laws.lr_scale(32.0, 16.0, ns, rule="noise", optimizer=opt.law)
-    )
+    assert stats["optimal_lr"] == pytest.approx(lr * laws.lr_scale(32.0, 16.0, ns, rule="noise", optimizer=opt.law))
     assert stats["peak_batch"] == laws.peak_batch(ns, optimizer=opt.law)
     assert stats["peak_batch"] == (math.inf if opt.law == "sgd" else pytest.approx(ns))
     assert stats["lr_scale"] == 1.0 and opt.param_groups[0]["lr"] == lr

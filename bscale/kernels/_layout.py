@@ -58,9 +58,7 @@ def check_dtype(t: torch.Tensor, what: str) -> int:
     code = DTYPE_CODES.get(t.dtype)
     if code is None:
         names = ", ".join(str(d).removeprefix("torch.") for d in DTYPE_CODES)
-        raise ValueError(
-            f"{what} has dtype {t.dtype}; the triton backend reads {names} (or use backend='torch')"
-        )
+        raise ValueError(f"{what} has dtype {t.dtype}; the triton backend reads {names} (or use backend='torch')")
     return code
 
 
