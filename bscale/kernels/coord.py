@@ -14,9 +14,11 @@ when chosen. `coordinate_stats_reference` is the float64 definition the tests ho
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -38,14 +40,23 @@ SLOTS: tuple[str, ...] = (
     "frac_small_batch",
 )
 
-# Elements per slice of the torch path: its ~10 float32 temporaries (2.5 MiB) stay in cache, so memory sees
-# each input about once, as the fused kernel does.
-_TORCH_CHUNK = 1 << 16
+# Elements per slice of the torch path. A slice costs ~25 whole-slice eager ops whatever its size: at 2^18,
+# dispatch (~5 µs an op) is a few percent of the arithmetic (~10 ns an element on one core), while the
+# eight float32 scratch rows and the int16 bin index (8.5 MiB) stay in the L3 cache. Slice sums are pairwise
+# float32 sums over at most this many terms (relative error ~1e-7).
+_SLICE = 1 << 18
+# Tensors below this many elements are packed (one copy each) into shared slices: for them dispatch, not
+# arithmetic, is the cost. A 240k-parameter char-level transformer (28 tensors) becomes one slice.
+_PACK_BELOW = 1 << 16
+# Smallest normal float32. Special values make the vectorized sqrt and log several times (log of 0 ~25x)
+# slower, so inputs to them are first clamped into the normal range where that cannot change a result.
+_TINY = torch.finfo(torch.float32).tiny
 
 _EDGE_CACHE: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
 
 
-def _geometric(values: Sequence[float] | None) -> tuple[float, float] | None:
+@functools.lru_cache(maxsize=32)
+def _geometric(values: tuple[float, ...] | None) -> tuple[float, float] | None:
     """(log10 of the first edge, log10 step) when the edges are positive and evenly spaced in log10."""
     if values is None or len(values) < 2 or values[0] <= 0:
         return None
@@ -67,21 +78,19 @@ def _host_edges(snr_edges: Sequence[float] | torch.Tensor | None) -> tuple[float
 def _edges_tensor(snr_edges: Sequence[float] | torch.Tensor | None, device: torch.device) -> torch.Tensor:
     if isinstance(snr_edges, torch.Tensor):
         if snr_edges.dim() != 1 or snr_edges.numel() == 0:
-            raise ValueError(
-                f"snr_edges must be a non-empty 1-D sequence, got shape {tuple(snr_edges.shape)}"
-            )
+            raise ValueError(f"snr_edges must be a non-empty 1-D sequence, got shape {tuple(snr_edges.shape)}")
         if snr_edges.device.type != "cpu":
             # Already on the device: used as given (checking monotonicity would need a host sync).
             return snr_edges.to(device=device, dtype=torch.float32).contiguous()
         snr_edges = snr_edges.tolist()
     values = DEFAULT_SNR_EDGES if snr_edges is None else tuple(float(e) for e in snr_edges)
-    if not values:
-        raise ValueError("snr_edges must hold at least one edge")
-    if any(not math.isfinite(e) for e in values) or any(b <= a for a, b in itertools.pairwise(values)):
-        raise ValueError(f"snr_edges must be finite and strictly increasing, got {values}")
     key = (values, device)
     edges = _EDGE_CACHE.get(key)
-    if edges is None:
+    if edges is None:  # only checked edges are cached
+        if not values:
+            raise ValueError("snr_edges must hold at least one edge")
+        if any(not math.isfinite(e) for e in values) or any(b <= a for a, b in itertools.pairwise(values)):
+            raise ValueError(f"snr_edges must be finite and strictly increasing, got {values}")
         edges = to_device(torch.tensor(values, dtype=torch.float32), device)
         if len(_EDGE_CACHE) >= 32:
             _EDGE_CACHE.clear()
@@ -97,11 +106,7 @@ def _validate(
     microbatch_size: float,
     eps: float,
 ) -> None:
-    if (
-        isinstance(num_microbatches, bool)
-        or int(num_microbatches) != num_microbatches
-        or num_microbatches < 2
-    ):
+    if isinstance(num_microbatches, bool) or int(num_microbatches) != num_microbatches or num_microbatches < 2:
         raise ValueError(
             f"num_microbatches must be an integer >= 2, got {num_microbatches}; a variance needs at least "
             "two "
@@ -112,13 +117,9 @@ def _validate(
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if len(coord_sq) != len(grad_sums):
-        raise ValueError(
-            f"coord_sq has {len(coord_sq)} tensors for {len(grad_sums)} grad_sums; pass one each"
-        )
+        raise ValueError(f"coord_sq has {len(coord_sq)} tensors for {len(grad_sums)} grad_sums; pass one each")
     if exp_avg_sq is not None and len(exp_avg_sq) != len(grad_sums):
-        raise ValueError(
-            f"exp_avg_sq has {len(exp_avg_sq)} tensors for {len(grad_sums)} grad_sums; pass one each"
-        )
+        raise ValueError(f"exp_avg_sq has {len(exp_avg_sq)} tensors for {len(grad_sums)} grad_sums; pass one each")
     device = coord_sq[0].device if coord_sq else None
     for i, (s, c) in enumerate(zip(grad_sums, coord_sq, strict=True)):
         if c.dtype != torch.float32 or not is_dense(c):
@@ -126,6 +127,8 @@ def _validate(
                 f"coord_sq[{i}] must be a dense float32 tensor, got {c.dtype}; allocate it with "
                 "torch.zeros_like(param, dtype=torch.float32)"
             )
+        if c.device != device:
+            raise ValueError(f"coord_sq[{i}] is on {c.device}, coord_sq[0] on {device}; move them to one device")
         others = [("grad_sums", s)] + ([("exp_avg_sq", exp_avg_sq[i])] if exp_avg_sq is not None else [])
         for name, t in others:
             if t.shape != c.shape or t.device != device or not t.is_floating_point():
@@ -172,8 +175,10 @@ def coordinate_stats(
     |μ̂|/σ̂ in `len(snr_edges) + 1` bins: bin 0 below the first edge, bin i in [edge[i-1], edge[i]), the last
     bin at or above the last edge together with every coordinate where σ̂ = 0.
 
-    Precision: float32 throughout. σ̂² comes from m2 − μ̂², so a coordinate with |μ̂|/σ̂ beyond ~10³ has a
-    variance at the level of float32 rounding (clamped at 0). Counts above 2^24 round to float32.
+    Precision: float32 throughout, with float64 only to add up per-slice sums. σ̂² comes from m2 − μ̂², so a
+    coordinate with |μ̂|/σ̂ beyond ~10³ has a variance at the level of float32 rounding (clamped at 0); an
+    SNR within float32 rounding of an edge may land one bin over. Counts above 2^24 round to float32. A NaN
+    input makes the sums NaN and counts in the last bin.
 
     Args:
         grad_sums (sequence of Tensor): S = Σ_j g_j per parameter (the accumulated `.grad` in sum units)
@@ -199,8 +204,8 @@ def coordinate_stats(
     _validate(grad_sums, coord_sq, exp_avg_sq, num_microbatches, microbatch_size, eps)
     device = coord_sq[0].device if coord_sq else torch.device("cpu")
     edges = _edges_tensor(snr_edges, device)
-    every = [*grad_sums, *coord_sq, *(exp_avg_sq or [])]
-    if every and resolve_backend(backend, every) == "triton":
+    # _validate put every tensor on coord_sq[0]'s device, so that one stands for all of them.
+    if coord_sq and resolve_backend(backend, coord_sq[:1]) == "triton":
         from .coord_triton import coordinate_stats_triton
 
         out = coordinate_stats_triton(
@@ -222,10 +227,91 @@ def coordinate_stats(
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    # A dense tensor in any dimension order is one run of memory from its first element.
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+    # A dense tensor in any dimension order is one run of memory from its first element (view is the cheaper
+    # call for the usual contiguous case).
+    return t.view(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
+_Piece = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def _slices(
+    grad_sums: list[torch.Tensor], coord_sq: list[torch.Tensor], exp_avg_sq: list[torch.Tensor] | None
+) -> Iterator[list[_Piece]]:
+    """Flat `(S, C, v)` views in groups of at most `_SLICE` elements: a large tensor alone, in slices of
+    `_SLICE`; tensors under `_PACK_BELOW` elements together, in order."""
+    packed: list[_Piece] = []
+    size = 0
+    for i, c_full in enumerate(coord_sq):
+        n = c_full.numel()
+        if n == 0:
+            continue
+        c = _flat(c_full)
+        s = _flat(flat_like(grad_sums[i], c_full))
+        v = None if exp_avg_sq is None else _flat(flat_like(exp_avg_sq[i], c_full))
+        if n >= _PACK_BELOW:
+            for lo in range(0, n, _SLICE):
+                hi = lo + _SLICE
+                yield [(s[lo:hi], c[lo:hi], None if v is None else v[lo:hi])]
+            continue
+        if size + n > _SLICE:
+            yield packed
+            packed, size = [], 0
+        packed.append((s, c, v))
+        size += n
+    if packed:
+        yield packed
+
+
+def _log_bins(log_edges: tuple[float, float], alpha: float, nbins: int) -> tuple[float, ...] | None:
+    r"""Affine map from :math:`\log_2 T` to the bin, for :math:`T = \mathrm{snr}^2/\alpha` and log-even edges.
+
+    With the first edge :math:`10^f` and step :math:`10^h`, the bin of snr is :math:`\lfloor y \rfloor`
+    clamped to [0, nbins − 1], where
+
+    .. math::
+        y = \frac{\log_{10}\mathrm{snr} - f}{h} + 1 = a \log_2 T + c, \quad
+        a = \frac{1}{2 h \log_2 10}, \quad c = a \log_2\alpha - \frac{f}{h} + 1
+
+    Returns `(a, c, low, high)` with `low`, `high` the T at y = −0.5 and y = nbins − 0.5: clamping T into
+    them leaves every bin as it is and puts y in (−1, nbins), where truncation toward zero is the clamped
+    floor. None when they are not normal float32 numbers (edges near 1e-19 or 1e19): bucketize then.
+    """
+    first, step = log_edges
+    a = 1.0 / (2.0 * step * math.log2(10.0))
+    c = a * math.log2(alpha) - first / step + 1.0
+    try:
+        low, high = 2.0 ** ((-0.5 - c) / a), 2.0 ** ((nbins - 0.5 - c) / a)
+    except OverflowError:
+        return None
+    if not (_TINY <= low and high <= torch.finfo(torch.float32).max / 2):
+        return None
+    return a, c, low, high
+
+
+# Scratch of the torch path, kept per thread and device between calls: fresh multi-MiB buffers come from
+# mmap, and their first touch (page faults) costs as much as the arithmetic on them.
+_SCRATCH = threading.local()
+
+
+def _scratch(width: int, device: torch.device, nbins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eight float32 rows of `width` (see `_coordinate_stats_torch`) and an integer bin-index row.
+
+    On the CPU bincount reads int16 several times faster than the int64 that `.long()` makes; index_add_ (the
+    other devices) takes int32.
+    """
+    small = device.type == "cpu" and nbins <= torch.iinfo(torch.int16).max
+    dtype = torch.int16 if small else torch.int32
+    cache = _SCRATCH.__dict__.setdefault("buffers", {})
+    work, index = cache.get((device, dtype), (None, None))
+    if work is None or work.shape[1] < width:
+        work = torch.empty(8, width, dtype=torch.float32, device=device)
+        index = torch.empty(width, dtype=dtype, device=device)
+        cache[(device, dtype)] = work, index
+    return work, index
+
+
+@torch.no_grad()  # statistics of gradients: nothing to differentiate, and out= ops refuse autograd inputs
 def _coordinate_stats_torch(
     grad_sums: list[torch.Tensor],
     coord_sq: list[torch.Tensor],
@@ -237,57 +323,108 @@ def _coordinate_stats_torch(
     log_edges: tuple[float, float] | None,
     reset: bool,
 ) -> torch.Tensor:
+    r"""Whole-slice eager ops on :math:`M = S^2/k = k\hat\mu^2` and :math:`D = \max(C - M, 0)`, where
+
+    .. math::
+        \hat\sigma^2 = \frac{b}{k-1} D, \qquad
+        \frac{\hat\mu^2}{\hat\sigma^2} = \alpha T, \quad T = \frac{M}{D}, \quad \alpha = \frac{k-1}{k b}
+
+    so that the constants move out of the loop: sums are scaled once at the end (in float64), the regime test
+    of Surge thm. 3 is :math:`2B\hat\mu^2 < \pi\hat\sigma^2 \Leftrightarrow T < \pi / (2(k-1))` (no
+    square root, no division by σ̂), and the histogram bins log2(T) (see :func:`_log_bins`).
+    """
     device = edges.device
     nbins = edges.numel() + 1
-    inv_k = 1.0 / k
-    var_scale = b * k / (k - 1.0)  # σ̂² = b·(m2 − μ̂²)·k/(k−1): unbiased, per example
-    two_big_b = 2.0 * k * b
-    # Chunk partial sums are float32; adding ~10³ of them in float64 keeps the total at float32 accuracy.
-    sums = torch.zeros(6, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    precond = exp_avg_sq is not None
+    total = sum(c.numel() for c in coord_sq)
+    alpha = (k - 1.0) / (k * b)
+    bins = None if log_edges is None else _log_bins(log_edges, alpha, nbins)
+    ratio_cut = math.pi / (2.0 * (k - 1.0))
+    # eps >= 1e-11: √v below √tiny ≈ 1.1e-19 is under half an ulp of eps, so clamping v at tiny (which keeps
+    # sqrt on its fast path) leaves √v + eps, and P, bit for bit as they were.
+    clamp_v = eps >= 1e-11
+    work, index = _scratch(min(total, _SLICE), device, nbins)
+    summed = work[2:8] if precond else work[2:6]  # rows added up per slice (pairwise: float32-accurate)
+    one = torch.ones((), dtype=torch.int64, device=device)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
     hist = torch.zeros(nbins, dtype=torch.int64, device=device)
-    total = 0
-    for i, c_full in enumerate(coord_sq):
-        s_all = _flat(flat_like(grad_sums[i], c_full))
-        v_all = None if exp_avg_sq is None else _flat(flat_like(exp_avg_sq[i], c_full))
-        c_all = _flat(c_full)
-        n = c_all.numel()
-        total += n
-        for lo in range(0, n, _TORCH_CHUNK):
-            hi = min(lo + _TORCH_CHUNK, n)
-            c = c_all[lo:hi]
-            mu = s_all[lo:hi].to(torch.float32, copy=True).mul_(inv_k)
-            m2 = c.mul(inv_k)
-            if reset:
-                c.zero_()  # the slice is still in cache: zeroing here costs no extra read
-            mu2 = mu * mu
-            sig2 = m2.sub(mu2).clamp_min_(0.0).mul_(var_scale)  # clamp: rounding can go below 0
-            zero = sig2 == 0
-            inv_sig = sig2.rsqrt().masked_fill_(zero, 0.0)  # one division for both μ̂²/σ̂ and |μ̂|/σ̂
-            mu.abs_()
-            inside = (mu == 0).logical_or_(mu2 * two_big_b < sig2 * math.pi)  # Surge thm. 3, μ̂ = 0 inside
-            snr = mu.mul_(inv_sig).masked_fill_(zero, math.inf)  # σ̂ = 0 goes to the overflow bin
-            parts = [mu2.sum(), sig2.sum(), torch.dot(mu2, inv_sig), torch.count_nonzero(inside)]
-            if v_all is not None:
-                p2 = v_all[lo:hi].to(torch.float32, copy=True).sqrt_().add_(eps).reciprocal_().square_()
-                parts += [torch.dot(p2, m2), torch.dot(p2, mu2)]
-            sums[: len(parts)] += torch.stack(parts)
-            if log_edges is not None:
-                # Evenly spaced log edges (the default): the bin is arithmetic, several times faster than a
-                # binary search; a value within float32 rounding of an edge may land one bin over.
-                first, step = log_edges
-                index = (
-                    snr.log10_().sub_(first).mul_(1.0 / step).floor_().clamp_(-1.0, nbins - 2).add_(1).long()
-                )
-            else:
-                index = torch.bucketize(snr, edges, right=True)
-            if device.type == "cpu":
-                hist += torch.bincount(index, minlength=nbins)
-            else:  # bincount sizes its output from the data on CUDA (a host sync); index_add_ does not
-                hist.index_add_(0, index, torch.ones((), dtype=torch.int64, device=device).expand_as(index))
-    out = torch.empty(len(SLOTS) + nbins, dtype=torch.float32, device=device)
-    out[0:3] = sums[0:3]
-    out[3] = float(total)
-    out[4:6] = sums[4:6]
-    out[6] = sums[3] / max(total, 1)
-    out[len(SLOTS) :] = hist
-    return out
+    row_sums: list[torch.Tensor] = []
+    for group in _slices(grad_sums, coord_sq, exp_avg_sq):
+        n = sum(piece[1].numel() for piece in group)
+        # Rows: T (first a float32 copy of S), packed C, P² (then the regime flags), M/√D, M, D, P²C, P²M;
+        # the last six are adjacent so that one reduction sums them.
+        t, c_buf, p2, m_inv, m, d, p2_c, p2_m = work[:, :n]
+        if len(group) == 1:
+            s, c, v = group[0]
+            if s.dtype != torch.float32:
+                s = t.copy_(s)  # float32 before squaring: S² of a bf16 S rounded in bf16 would lose 8 bits
+        else:
+            s = torch.cat([piece[0] for piece in group], out=t)
+            c = torch.cat([piece[1] for piece in group], out=c_buf)
+            v = torch.cat([piece[2] for piece in group], out=p2) if precond else None
+            if reset:  # already copied out
+                torch._foreach_zero_([piece[1] for piece in group])
+        # S²/k is on the scale of C = Σ g²: it under- or overflows float32 only where C itself would.
+        torch.addcmul(zero, s, s, value=1.0 / k, out=m)  # s (maybe in t) is dead from here on
+        torch.sub(c, m, out=d).clamp_min_(0.0)  # clamp: rounding can go below 0
+        # M/√D, with σ̂ = 0 (rsqrt = inf) dropped from Σ μ̂²/σ̂; a NaN input stays NaN.
+        torch.rsqrt(d, out=m_inv).nan_to_num_(nan=math.nan, posinf=0.0).mul_(m)
+        if precond:
+            if clamp_v:
+                torch.clamp_min(v if v.dtype == torch.float32 else p2.copy_(v), _TINY, out=p2)
+            elif v is not p2:
+                p2.copy_(v)
+            p2.sqrt_().add_(eps).pow_(-2)  # P² = 1/(√v + ε)²
+            torch.mul(p2, c, out=p2_c)
+            torch.mul(p2, m, out=p2_m)
+        if reset and len(group) == 1:
+            c.zero_()  # the slice is still in cache: zeroing here costs no extra read
+        # T: NaN where μ̂ = σ̂ = 0 (0/0), inf where σ̂ = 0 < |μ̂|.
+        torch.div(m, d, out=t)
+        # Outside the regime: T >= cut. NaN compares False, so μ̂ = 0 counts as inside.
+        torch.ge(t, ratio_cut, out=p2)
+        row_sums.append(summed[:, :n].sum(1))  # outside, Σ M/√D, Σ M, Σ D[, Σ P²C, Σ P²M]
+        if bins is not None:
+            scale, offset, low, high = bins
+            # σ̂ = 0 (NaN, inf) joins the overflow bin; T = 0 (μ̂ = 0) the first bin.
+            t.nan_to_num_(nan=high, posinf=high).clamp_(low, high)
+            idx = index[:n].copy_(t.log2_().mul_(scale).add_(offset))  # truncation toward 0: y > -1
+        else:
+            snr = t.nan_to_num_(nan=math.inf).mul_(alpha).sqrt_()  # σ̂ = 0 goes to the overflow bin
+            idx = torch.bucketize(snr, edges, right=True)
+        if device.type == "cpu":
+            hist += torch.bincount(idx, minlength=nbins)
+        else:  # bincount sizes its output from the data on CUDA (a host sync); index_add_ does not
+            hist.index_add_(0, idx, one.expand_as(idx))
+    return _assemble(row_sums, summed.shape[0], hist, total, k, b, precond)
+
+
+def _assemble(
+    row_sums: list[torch.Tensor], width: int, hist: torch.Tensor, total: int, k: int, b: float, precond: bool
+) -> torch.Tensor:
+    """The output vector (`SLOTS`, then the histogram) from the slices' float32 row sums."""
+    device = hist.device
+    # Slice sums are float32; adding them in float64 keeps the total at float32 accuracy.
+    acc = torch.float32 if device.type == "mps" else torch.float64
+    if row_sums:
+        sums = torch.stack(row_sums).sum(0, dtype=acc)
+    else:
+        sums = torch.zeros(width, dtype=acc, device=device)
+    # sums = (outside, Σ M/√D, Σ M, Σ D[, Σ P²C, Σ P²M]). Slot i is sums[source[i]] · scale[i] + bias[i];
+    # constant slots read the outside count, always finite, so that an inf elsewhere cannot make them NaN.
+    source = [2, 3, 1, 0, 4, 5, 0] if precond else [2, 3, 1, 0, 0, 0, 0]
+    scale = [
+        1.0 / k,  # Σ μ̂² = Σ M / k
+        b / (k - 1.0),  # Σ σ̂² = b/(k−1) Σ D
+        1.0 / (k * math.sqrt(b / (k - 1.0))),  # Σ μ̂²/σ̂ = Σ M/√D / (k √(b/(k−1)))
+        0.0,
+        1.0 / k if precond else 0.0,  # Σ P² m2 = Σ P²C / k
+        1.0 / k if precond else 0.0,  # Σ P² μ̂² = Σ P²M / k
+        -1.0 / max(total, 1),  # frac = 1 − outside / N
+    ]
+    bias = [0.0, 0.0, 0.0, float(total), 0.0, 0.0, 1.0 if total else 0.0]
+    table = to_device(torch.tensor([scale, bias], dtype=acc), device)
+    picked = sums[to_device(torch.tensor(source, dtype=torch.int64), device)]
+    scalars = torch.addcmul(table[1], picked, table[0])
+    out = torch.empty(len(SLOTS) + hist.numel(), dtype=torch.float32, device=device)
+    return torch.cat([scalars, hist.to(acc)], out=out)

@@ -6,19 +6,18 @@ when chosen.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
 
-from ._layout import is_dense, to_device
+from ._layout import is_dense, same_layout, to_device
 from .dispatch import resolve_backend
 
 
 def _check_coord_sq(tensors: Sequence[torch.Tensor], coord_sq: Sequence[torch.Tensor]) -> None:
     if len(coord_sq) != len(tensors):
-        raise ValueError(
-            f"coord_sq has {len(coord_sq)} tensors for {len(tensors)} gradients; pass one per gradient"
-        )
+        raise ValueError(f"coord_sq has {len(coord_sq)} tensors for {len(tensors)} gradients; pass one per gradient")
     for i, (t, c) in enumerate(zip(tensors, coord_sq, strict=True)):
         if c.dtype != torch.float32 or c.shape != t.shape or c.device != t.device:
             raise ValueError(
@@ -28,6 +27,89 @@ def _check_coord_sq(tensors: Sequence[torch.Tensor], coord_sq: Sequence[torch.Te
             )
         if not is_dense(c):
             raise ValueError(f"coord_sq[{i}] is a strided view; allocate it with torch.zeros_like(param)")
+
+
+# Elements per block of the CPU path with coord_sq. addcmul_ reads a block of gradients and of coord_sq from
+# memory, and the norm re-reads the gradients right after from the L3 cache (4 MiB of float32); per-block
+# dispatch (two foreach calls) is negligible at this size.
+_COORD_BLOCK = 1 << 20
+# A float16/bfloat16 gradient piece at least this large is first copied to a float32 staging row: mixed-dtype
+# addcmul_ and norm on it make float32 temporaries of their own, fresh memory each call, and run 5-10x slower
+# than on float32 (smaller pieces stay cheap as they are, and a copy would cost more than it saves).
+_STAGE_FROM = 1 << 16
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# The float32 staging row, per thread: a fresh 4 MiB buffer would cost its page faults every microbatch.
+_STAGING = threading.local()
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    # A dense tensor in any dimension order is one run of memory from its first element (view is the cheaper
+    # call for the usual contiguous case).
+    return t.view(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def _blocks(
+    tensors: list[torch.Tensor], coord_sq: list[torch.Tensor]
+) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], list[int]]:
+    """(gradient, buffer) pairs in blocks of at most `_COORD_BLOCK` elements, and each pair's tensor index.
+
+    A tensor over `_COORD_BLOCK` elements is split when it shares coord_sq's layout (else it is a block of its
+    own); smaller ones are grouped in order.
+    """
+    blocks: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[]]
+    owner: list[int] = []
+    size = 0
+    for i, (g, c) in enumerate(zip(tensors, coord_sq, strict=True)):
+        n = g.numel()
+        if n > _COORD_BLOCK and is_dense(g) and same_layout(g, c):
+            g_flat, c_flat = _flat(g), _flat(c)
+            pairs = [
+                (g_flat[lo : lo + _COORD_BLOCK], c_flat[lo : lo + _COORD_BLOCK]) for lo in range(0, n, _COORD_BLOCK)
+            ]
+        else:
+            pairs = [(g, c)]
+        for pair in pairs:
+            m = pair[0].numel()
+            if size + m > _COORD_BLOCK and blocks[-1]:
+                blocks.append([])
+                size = 0
+            blocks[-1].append(pair)
+            owner.append(i)
+            size += m
+    return blocks, owner
+
+
+@torch.no_grad()  # buffers of gradient statistics: the cached staging row must never join a graph
+def _accumulate_coord_cpu(
+    tensors: list[torch.Tensor], coord_sq: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`coord_sq += g²` and the float32 squared norm of every piece of every gradient, block by block.
+
+    Returns the squares and which tensor each piece belongs to (None when every tensor is one piece).
+    """
+    blocks, owner = _blocks(tensors, coord_sq)
+    staging = _STAGING.__dict__.get("rows")
+    squares = []
+    for block in blocks:
+        grads = [g for g, _ in block]
+        low = [j for j, g in enumerate(grads) if g.dtype in _LOW_PRECISION and _STAGE_FROM <= g.numel() <= _COORD_BLOCK]
+        if low:
+            if staging is None or staging.numel() < _COORD_BLOCK:
+                staging = _STAGING.rows = torch.empty(_COORD_BLOCK, dtype=torch.float32)
+            views, offset = [], 0
+            for j in low:
+                n = grads[j].numel()
+                views.append(staging[offset : offset + n].view(grads[j].shape))
+                offset += n
+            torch._foreach_copy_(views, [grads[j] for j in low])  # exact: every f16/bf16 is a float32
+            for v, j in zip(views, low, strict=True):
+                grads[j] = v
+        # addcmul_ promotes a low-precision gradient to float32 before multiplying, so g*g is not rounded.
+        torch._foreach_addcmul_([c for _, c in block], grads, grads)
+        squares.append(_squared_norms_torch(grads))
+    split = len(owner) > len(tensors)
+    squares = squares[0] if len(squares) == 1 else torch.cat(squares)
+    return squares, (torch.tensor(owner, dtype=torch.int64) if split else None)
 
 
 def _squared_norms_torch(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -40,16 +122,12 @@ def _squared_norms_torch(tensors: list[torch.Tensor]) -> torch.Tensor:
     rest = [i for i, t in enumerate(tensors) if t.dtype != torch.float64]
     for group, dtype in ((wide, None), (rest, torch.float32)):
         if group:
-            for i, n in zip(
-                group, torch._foreach_norm([tensors[i] for i in group], 2, dtype=dtype), strict=True
-            ):
+            for i, n in zip(group, torch._foreach_norm([tensors[i] for i in group], 2, dtype=dtype), strict=True):
                 norms[i] = n.float()
     return torch.stack(norms).square_()
 
 
-def _check_out_slots(
-    tensors: Sequence[torch.Tensor], out: torch.Tensor, slots: torch.Tensor | Sequence[int]
-) -> None:
+def _check_out_slots(tensors: Sequence[torch.Tensor], out: torch.Tensor, slots: torch.Tensor | Sequence[int]) -> None:
     if out.dtype != torch.float32 or out.dim() != 1 or not out.is_contiguous():
         raise ValueError(
             f"out must be a contiguous 1-D float32 tensor, got {out.dtype} of shape {tuple(out.shape)}; "
@@ -57,9 +135,7 @@ def _check_out_slots(
         )
     for i, t in enumerate(tensors):
         if t.device != out.device:
-            raise ValueError(
-                f"tensors[{i}] is on {t.device} but out is on {out.device}; move them to one device"
-            )
+            raise ValueError(f"tensors[{i}] is on {t.device} but out is on {out.device}; move them to one device")
     if isinstance(slots, torch.Tensor):
         if slots.dim() != 1 or slots.numel() != len(tensors) or slots.dtype not in (torch.int64, torch.int32):
             raise ValueError(
@@ -68,20 +144,14 @@ def _check_out_slots(
                 f"of shape {tuple(slots.shape)}"
             )
         if slots.device != out.device:
-            raise ValueError(
-                f"slots is on {slots.device} but out is on {out.device}; move slots to out's device"
-            )
+            raise ValueError(f"slots is on {slots.device} but out is on {out.device}; move slots to out's device")
     else:
         if len(slots) != len(tensors):
-            raise ValueError(
-                f"slots has {len(slots)} entries for {len(tensors)} tensors; pass one slot per tensor"
-            )
+            raise ValueError(f"slots has {len(slots)} entries for {len(tensors)} tensors; pass one slot per tensor")
         n = out.numel()
         for s in slots:
             if not 0 <= int(s) < n:
-                raise ValueError(
-                    f"slot {s} is outside out (length {n}); allocate out with one slot per parameter"
-                )
+                raise ValueError(f"slot {s} is outside out (length {n}); allocate out with one slot per parameter")
 
 
 def accumulate_sq_norms(
@@ -128,17 +198,23 @@ def accumulate_sq_norms(
 
         accumulate_sq_norms_triton(tensors, out, slots, coord_sq)
         return
-    # Fewest bytes in eager torch: one read of each tensor; squaring the norm back costs one rounding
-    # (relative 1e-7). index_add_ adds all slots in one call.
-    squares = _squared_norms_torch(tensors)
+    # Fewest bytes in eager torch: one read of each tensor from memory (with coord_sq on the CPU the norm
+    # reads it again from cache, block by block); squaring the norm back costs one rounding (relative 1e-7).
+    # index_add_ adds all slots in one call.
     if isinstance(slots, torch.Tensor):
         index = slots
     else:
         index = to_device(torch.tensor([int(s) for s in slots], dtype=torch.int64), out.device)
+    if coord_sq is not None and out.device.type == "cpu":
+        squares, owner = _accumulate_coord_cpu(tensors, coord_sq)
+        if owner is not None:
+            index = index[owner]
+    else:
+        squares = _squared_norms_torch(tensors)
+        if coord_sq is not None:
+            # addcmul_ promotes a low-precision gradient to float32 before multiplying: g*g is not rounded.
+            torch._foreach_addcmul_(coord_sq, tensors, tensors)
     out.index_add_(0, index, squares)
-    if coord_sq is not None:
-        # addcmul_ promotes a low-precision gradient to float32 before multiplying, so g*g is not rounded.
-        torch._foreach_addcmul_(coord_sq, tensors, tensors)
 
 
 def sq_norms(tensors: Sequence[torch.Tensor], *, backend: str | None = None) -> torch.Tensor:
@@ -161,9 +237,7 @@ def sq_norms(tensors: Sequence[torch.Tensor], *, backend: str | None = None) -> 
     device = tensors[0].device
     for i, t in enumerate(tensors):
         if t.device != device:
-            raise ValueError(
-                f"tensors[{i}] is on {t.device}, tensors[0] on {device}; move them to one device"
-            )
+            raise ValueError(f"tensors[{i}] is on {t.device}, tensors[0] on {device}; move them to one device")
     if resolve_backend(backend, tensors) == "triton":
         from .sqnorm_triton import sq_norms_triton
 

@@ -1,0 +1,55 @@
+"""The torch path's slicing, packing, blocking and bf16 staging, reached with small constants, match the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bscale.kernels import accumulate_sq_norms, coord, coordinate_stats, coordinate_stats_reference, sqnorm
+
+
+@pytest.fixture
+def small_constants(monkeypatch):
+    # Shrink the thresholds so tensors of a few hundred elements cross slice, pack and block boundaries.
+    monkeypatch.setattr(coord, "_SLICE", 64)
+    monkeypatch.setattr(coord, "_PACK_BELOW", 16)
+    monkeypatch.setattr(sqnorm, "_COORD_BLOCK", 48)
+    monkeypatch.setattr(sqnorm, "_STAGE_FROM", 32)
+
+
+def _tensors(dtype, gen):
+    shapes = [(7,), (300,), (5, 13), (129,), (3,), (2, 100)]
+    return [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_accumulate_with_coord_sq_across_blocks(small_constants, dtype):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    grads = _tensors(dtype, gen)
+    out = torch.rand(len(grads) + 2, generator=gen)
+    start = out.clone()
+    bufs = [torch.rand(g.shape, generator=gen) for g in grads]
+    before = [b.clone() for b in bufs]
+    slots = [2, 0, 5, 1, 7, 3]
+    accumulate_sq_norms(grads, out, slots, coord_sq=bufs, backend="torch")
+    want = start.double()
+    for g, s in zip(grads, slots, strict=True):
+        want[s] += g.double().pow(2).sum()
+    torch.testing.assert_close(out.double(), want, rtol=2e-6, atol=1e-6)
+    for g, b, b0 in zip(grads, bufs, before, strict=True):
+        torch.testing.assert_close(b.double(), b0.double() + g.double().pow(2), rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_v", [False, True])
+def test_coordinate_stats_across_slices(small_constants, with_v):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    k, b = 4, 8.0
+    micro = [_tensors(torch.float32, gen) for _ in range(k)]
+    sums = [sum(m[i] for m in micro) for i in range(len(micro[0]))]
+    sq = [sum(m[i] ** 2 for m in micro) for i in range(len(micro[0]))]
+    v = [torch.rand(t.shape, generator=gen) for t in sums] if with_v else None
+    ref = coordinate_stats_reference(sums, sq, k, b, exp_avg_sq=v)
+    got = coordinate_stats(sums, [t.clone() for t in sq], k, b, exp_avg_sq=v, backend="torch")
+    assert set(got) == set(ref)
+    for key in ref:
+        torch.testing.assert_close(got[key].double(), ref[key].double(), rtol=1e-5, atol=1e-5, msg=key)
