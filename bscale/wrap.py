@@ -17,7 +17,8 @@ from torch.optim import Optimizer
 
 from . import laws
 from .estimate import NoiseScaleEstimator
-from .kernels import accumulate_sq_norms, coordinate_stats
+from .kernels import coordinate_stats, resolve_backend
+from .kernels.sqnorm import accumulate_sq_norms_trusted
 
 __all__ = ["ScaledOptimizer", "wrap"]
 
@@ -262,6 +263,7 @@ class ScaledOptimizer(Optimizer):
         self._last_lr_scale = 1.0
         self._peak_pending_bytes = 0
         self._expected_k: int | None = None
+        self._backends: dict[torch.device, str] = {}
         self._reset_step_stats()
 
     # ---- the torch.optim contract ---------------------------------------------------------------------------------
@@ -431,14 +433,21 @@ class ScaledOptimizer(Optimizer):
         coord = None
         if self.per_coordinate:
             coord = [self._coord_buffer(s, g) for s, g in zip(self._pending_slots, self._pending, strict=True)]
-        accumulate_sq_norms(
+        accumulate_sq_norms_trusted(
             self._pending,
             self._small,
             self._slots_tensor(self._pending_slots, device),
-            coord_sq=coord,
-            backend=self.backend,
+            coord,
+            self._backend_for(device),
         )
         self._pending, self._pending_slots, self._pending_bytes = [], [], 0
+
+    def _backend_for(self, device: torch.device) -> str:
+        # Resolved once per device (the choice cannot change mid-run); the per-microbatch calls skip it.
+        b = self._backends.get(device)
+        if b is None:
+            b = self._backends[device] = resolve_backend(self.backend, [torch.empty(0, device=device)])
+        return b
 
     def _slots_tensor(self, slots: list[int], device: torch.device) -> torch.Tensor:
         key = (*slots, -1, device.index or 0) if device.type != "cpu" else tuple(slots)
@@ -503,7 +512,9 @@ class ScaledOptimizer(Optimizer):
             self._big = torch.zeros(len(self._params), dtype=torch.float32, device=device)
         else:
             self._big.zero_()
-        accumulate_sq_norms(grads, self._big, self._slots_tensor(slots, device), backend=self.backend)
+        accumulate_sq_norms_trusted(
+            grads, self._big, self._slots_tensor(slots, device), None, self._backend_for(device)
+        )
         self._have_big = True
         self._local_microbatches = self._dp.local_microbatches(len(self._sizes))
 

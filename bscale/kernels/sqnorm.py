@@ -193,7 +193,19 @@ def accumulate_sq_norms(
         _check_coord_sq(tensors, coord_sq)
     if not tensors:
         return
-    if resolve_backend(backend, [*tensors, out]) == "triton":
+    accumulate_sq_norms_trusted(tensors, out, slots, coord_sq, resolve_backend(backend, [*tensors, out]))
+
+
+def accumulate_sq_norms_trusted(
+    tensors: list[torch.Tensor],
+    out: torch.Tensor,
+    slots: torch.Tensor | Sequence[int],
+    coord_sq: list[torch.Tensor] | None,
+    backend: str,
+) -> None:
+    """:func:`accumulate_sq_norms` without argument checks, for a caller that validated its buffers once and
+    resolved `backend` to "torch" or "triton" (the optimizer wrapper, once per microbatch)."""
+    if backend == "triton":
         from .sqnorm_triton import accumulate_sq_norms_triton
 
         accumulate_sq_norms_triton(tensors, out, slots, coord_sq)
