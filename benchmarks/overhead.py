@@ -142,7 +142,7 @@ def main(argv=None) -> int:
             run_ddp = None
         if run_ddp is not None:
             ddp_rows = run_ddp(reps=reps)
-    cmd = "python benchmarks/overhead.py" + (" --quick" if args.quick else "")
+    cmd = " ".join(["python benchmarks/overhead.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [
         "# Step-time overhead and memory of `bscale.wrap`",
         "",
