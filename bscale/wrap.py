@@ -69,8 +69,9 @@ class ScaledOptimizer(Optimizer):
 
     The training loop is unchanged: ``k`` calls of ``loss.backward()`` (gradient accumulation), then ``step()`` and
     ``zero_grad()``. During each backward, gradient hooks add every parameter's squared microbatch-gradient norm into
-    a device buffer (no host sync, one fused launch per bucket of gradients); at the end of the backward the squared
-    norm of the accumulated ``.grad`` is taken, before any clipping or unscaling. At ``step()`` one host sync reads
+    a device buffer with no host sync (on CUDA with Triton: one fused launch per bucket of gradients; with the torch
+    backend: each gradient's norm as it arrives, while it is in cache); once per step, at the expected last backward,
+    the squared norm of the accumulated ``.grad`` is taken, before any clipping or unscaling. At ``step()`` one host sync reads
     those sums and feeds the two-batch estimator (McCandlish App. A.1) with ``b`` = the microbatch size and
     ``B = k·b``:
 
@@ -416,6 +417,16 @@ class ScaledOptimizer(Optimizer):
             torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
         # A detached alias keeps AccumulateGrad free to adopt the gradient as .grad without a copy.
         g = grad.detach()
+        if self._backend_for(g.device) == "torch":
+            # Eager torch: take the norm now, while the gradient is in cache. Holding gradients until a bucket's
+            # launch keeps the allocator from reusing their memory for the next ones (measured on CPU: +10-25%
+            # step time on a small MLP), which a fused launch only repays on a GPU.
+            wide = g.dtype == torch.float64  # vector_norm will not narrow float64; its norm is rounded after
+            self._pending_norms.append(torch.linalg.vector_norm(g, dtype=None if wide else torch.float32))
+            self._pending_slots.append(slot)
+            if self.per_coordinate:
+                self._coord_buffer(slot, g).addcmul_(g, g)  # float32 buffer: g*g is promoted before rounding
+            return
         self._pending.append(g)
         self._pending_slots.append(slot)
         self._pending_bytes += g.numel() * g.element_size()
@@ -425,11 +436,16 @@ class ScaledOptimizer(Optimizer):
             self._flush()
 
     def _flush(self) -> None:
+        if self._pending_norms:
+            device = self._pending_norms[0].device
+            self._ensure_small(device)
+            squares = torch.stack([n.float() for n in self._pending_norms]).square_()
+            self._small.index_add_(0, self._slots_tensor(self._pending_slots, device), squares)
+            self._pending_norms, self._pending_slots = [], []
         if not self._pending:
             return
         device = self._pending[0].device
-        if self._small is None or self._small.device != device or self._small.numel() != len(self._params):
-            self._small = torch.zeros(len(self._params), dtype=torch.float32, device=device)
+        self._ensure_small(device)
         coord = None
         if self.per_coordinate:
             coord = [self._coord_buffer(s, g) for s, g in zip(self._pending_slots, self._pending, strict=True)]
@@ -441,6 +457,10 @@ class ScaledOptimizer(Optimizer):
             self._backend_for(device),
         )
         self._pending, self._pending_slots, self._pending_bytes = [], [], 0
+
+    def _ensure_small(self, device: torch.device) -> None:
+        if self._small is None or self._small.device != device or self._small.numel() != len(self._params):
+            self._small = torch.zeros(len(self._params), dtype=torch.float32, device=device)
 
     def _backend_for(self, device: torch.device) -> str:
         # Resolved once per device (the choice cannot change mid-run); the per-microbatch calls skip it.
@@ -520,6 +540,7 @@ class ScaledOptimizer(Optimizer):
 
     def _reset_step_stats(self) -> None:
         self._pending: list[torch.Tensor] = []
+        self._pending_norms: list[torch.Tensor] = []
         self._pending_slots: list[int] = []
         self._pending_bytes = 0
         self._in_backward = False
