@@ -68,11 +68,12 @@ class ScaledOptimizer(Optimizer):
     r"""Wraps a ``torch.optim`` optimizer to measure the gradient noise scale live and scale its learning rate.
 
     The training loop is unchanged: ``k`` calls of ``loss.backward()`` (gradient accumulation), then ``step()`` and
-    ``zero_grad()``. During each backward, gradient hooks add every parameter's squared microbatch-gradient norm into
-    a device buffer with no host sync (on CUDA with Triton: one fused launch per bucket of gradients; with the torch
-    backend: each gradient's norm as it arrives, while it is in cache); once per step, at the expected last backward,
-    the squared norm of the accumulated ``.grad`` is taken, before any clipping or unscaling. At ``step()`` one host sync reads
-    those sums and feeds the two-batch estimator (McCandlish App. A.1) with ``b`` = the microbatch size and
+    ``zero_grad()``. During each backward, gradient hooks add every parameter's squared microbatch-gradient norm
+    into a device buffer with no host sync (on CUDA with Triton: one fused launch per bucket of gradients; with the
+    torch backend: each gradient's norm as it arrives, while it is in cache); once per step, at the expected last
+    backward, the squared norm of the accumulated ``.grad`` is taken, before any clipping or unscaling. At
+    ``step()`` one host sync reads those sums and feeds the two-batch estimator (McCandlish App. A.1) with ``b`` =
+    the microbatch size and
     ``B = k·b``:
 
     .. math::
