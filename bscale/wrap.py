@@ -247,7 +247,6 @@ class ScaledOptimizer(Optimizer):
         self._params: list[torch.Tensor] = []
         self._slot: dict[torch.Tensor, int] = {}
         self._hook_handles: list[Any] = []
-        self._names: list[str] = []
         self._layer_of_slot: list[int] = []
         self._layers: list[str] = []
         self._layer_estimators: dict[str, NoiseScaleEstimator] = {}
@@ -262,10 +261,12 @@ class ScaledOptimizer(Optimizer):
         self._warned_one_microbatch = False
         self._last_batch = math.nan
         self._ref_lr_seen = 0.0
-        self._last_lr_scale = 1.0
         self._peak_pending_bytes = 0
         self._expected_k: int | None = None
         self._backends: dict[torch.device, str] = {}
+        self._small: torch.Tensor | None = None  # Σ_j |g_j|² per parameter tensor
+        self._big: torch.Tensor | None = None  # |.grad|² per parameter tensor
+        self._coord_sq: dict[int, torch.Tensor] = {}  # per-coordinate mode: Σ_j g_j² per parameter
         self._reset_step_stats()
 
     # ---- the torch.optim contract ---------------------------------------------------------------------------------
@@ -391,7 +392,6 @@ class ScaledOptimizer(Optimizer):
             self._params.append(p)
             self._slot[p] = slot
             name = self._param_names.get(p, f"param{slot}") if self._param_names is not None else f"param{slot}"
-            self._names.append(name)
             layer = name.rsplit(".", 1)[0] if "." in name else name
             if layer not in self._layers:
                 self._layers.append(layer)
@@ -419,11 +419,12 @@ class ScaledOptimizer(Optimizer):
         # A detached alias keeps AccumulateGrad free to adopt the gradient as .grad without a copy.
         g = grad.detach()
         if self._backend_for(g.device) == "torch":
-            # Eager torch: take the norm now, while the gradient is in cache. Holding gradients until a bucket's
-            # launch keeps the allocator from reusing their memory for the next ones (measured on CPU: +10-25%
-            # step time on a small MLP), which a fused launch only repays on a GPU.
-            wide = g.dtype == torch.float64  # vector_norm will not narrow float64; its norm is rounded after
-            self._pending_norms.append(torch.linalg.vector_norm(g, dtype=None if wide else torch.float32))
+            # Eager torch: take the norm now, while the gradient is in cache, and hold no gradient (a bucket's
+            # single launch only pays for holding them on a GPU).
+            if g.dtype == torch.float64:  # vector_norm will not narrow float64: round its norm instead
+                self._pending_norms.append(torch.linalg.vector_norm(g).float())
+            else:
+                self._pending_norms.append(torch.linalg.vector_norm(g, dtype=torch.float32))
             self._pending_slots.append(slot)
             if self.per_coordinate:
                 self._coord_buffer(slot, g).addcmul_(g, g)  # float32 buffer: g*g is promoted before rounding
@@ -439,14 +440,14 @@ class ScaledOptimizer(Optimizer):
     def _flush(self) -> None:
         if self._pending_norms:
             device = self._pending_norms[0].device
-            self._ensure_small(device)
-            squares = torch.stack([n.float() for n in self._pending_norms]).square_()
+            self._small = self._slot_buffer(self._small, device)
+            squares = torch.stack(self._pending_norms).square_()
             self._small.index_add_(0, self._slots_tensor(self._pending_slots, device), squares)
             self._pending_norms, self._pending_slots = [], []
         if not self._pending:
             return
         device = self._pending[0].device
-        self._ensure_small(device)
+        self._small = self._slot_buffer(self._small, device)
         coord = None
         if self.per_coordinate:
             coord = [self._coord_buffer(s, g) for s, g in zip(self._pending_slots, self._pending, strict=True)]
@@ -459,9 +460,11 @@ class ScaledOptimizer(Optimizer):
         )
         self._pending, self._pending_slots, self._pending_bytes = [], [], 0
 
-    def _ensure_small(self, device: torch.device) -> None:
-        if self._small is None or self._small.device != device or self._small.numel() != len(self._params):
-            self._small = torch.zeros(len(self._params), dtype=torch.float32, device=device)
+    def _slot_buffer(self, buf: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """`buf` if it is a float32 vector with one slot per parameter on `device`, else a new zeroed one."""
+        if buf is None or buf.device != device or buf.numel() != len(self._params):
+            buf = torch.zeros(len(self._params), dtype=torch.float32, device=device)
+        return buf
 
     def _backend_for(self, device: torch.device) -> str:
         # Resolved once per device (the choice cannot change mid-run); the per-microbatch calls skip it.
@@ -529,10 +532,8 @@ class ScaledOptimizer(Optimizer):
             self._have_big = False
             return
         device = grads[0].device
-        if self._big is None or self._big.device != device or self._big.numel() != len(self._params):
-            self._big = torch.zeros(len(self._params), dtype=torch.float32, device=device)
-        else:
-            self._big.zero_()
+        self._big = self._slot_buffer(self._big, device)
+        self._big.zero_()
         accumulate_sq_norms_trusted(
             grads, self._big, self._slots_tensor(slots, device), None, self._backend_for(device)
         )
@@ -547,17 +548,11 @@ class ScaledOptimizer(Optimizer):
         self._in_backward = False
         self._sizes: list[float] = []
         # Persistent device buffers (one float32 per parameter tensor), zeroed rather than reallocated.
-        if getattr(self, "_small", None) is not None:
+        if self._small is not None:
             self._small.zero_()
-        else:
-            self._small: torch.Tensor | None = None
-        if not hasattr(self, "_big"):
-            self._big: torch.Tensor | None = None
         self._have_big = False
         self._local_microbatches = 0
         self._versions: list[int] | None = None
-        if not hasattr(self, "_coord_sq"):
-            self._coord_sq: dict[int, torch.Tensor] = {}
         for buf in self._coord_sq.values():
             buf.zero_()
 
@@ -577,7 +572,6 @@ class ScaledOptimizer(Optimizer):
         self._amp_skipped = False
         batch = self._update_estimates()
         scale = self._lr_scale(batch)
-        self._last_lr_scale = scale
         saved = self._apply_scaling(scale, batch)
         fused_amp = hasattr(self, "grad_scale")
         if fused_amp:
@@ -630,7 +624,6 @@ class ScaledOptimizer(Optimizer):
         if not self._have_big and not self._read_late():
             # Fewer backwards than expected, and .grad was modified (clipped, unscaled) before step(): its
             # unmodified value is gone, so this one step is left out of the estimate (the next one reads in time).
-            self._skipped_reason = "the accumulation count changed and .grad was modified before step()"
             return self._last_batch
         inv_sizes = math.fsum(1.0 / s for s in self._sizes)
         device = self._small.device
@@ -650,7 +643,7 @@ class ScaledOptimizer(Optimizer):
         per_layer = self._param_names is not None
         packed = torch.stack(scalars)
         if per_layer:
-            idx = torch.tensor(self._layer_of_slot, device=device)
+            idx = self._slots_tensor(self._layer_of_slot, device)  # cached: no host-to-device copy per step
             lay_small = torch.zeros(len(self._layers), device=device).index_add_(0, idx, self._small)
             lay_big = torch.zeros(len(self._layers), device=device).index_add_(0, idx, big)
             packed = torch.cat([packed, lay_small, lay_big])
@@ -670,7 +663,7 @@ class ScaledOptimizer(Optimizer):
             examples=math.fsum(self._sizes),
         )
         values = reduced["values"].tolist()  # the one host sync of the step
-        k, inv_sizes_total, k_local_for_mean = reduced["microbatches"], reduced["inv_sizes"], k_local
+        k, inv_sizes_total = reduced["microbatches"], reduced["inv_sizes"]
         self._step_microbatches = float(k)
         # .grad holds c·m·ḡ: m = the local accumulation count under DDP and FSDP2 (see DataParallel).
         m = self._local_microbatches or k_local
@@ -681,30 +674,33 @@ class ScaledOptimizer(Optimizer):
         self._last_batch = examples
         self._amp_skipped = inf_flag > 0
         if inf_flag > 0 or not (math.isfinite(small_sum) and math.isfinite(big_sum)) or loss_scale == 0:
-            self._skipped_reason = "non-finite gradients in this step (skipped by the estimator)"
             return examples
-        self._skipped_reason = None
         # Units: hooks see c·g_j, .grad holds c·k_local·ḡ, c = loss scale × (1/k_local if the loss is a mean).
-        c = loss_scale * (1.0 / k_local_for_mean if self.loss_reduction == "mean" else 1.0)
+        c = loss_scale * (1.0 / k_local if self.loss_reduction == "mean" else 1.0)
         to_true = 1.0 / (c * c)
-        self._raw_small = small_sum / k * to_true
-        self._raw_big = big_sum / (m**2) * to_true
+        small = small_sum / k * to_true
+        big_sq = big_sum / (m**2) * to_true
         if k < 2:
             self._warn_one_microbatch()
             return examples
-        self.estimator.update(self._raw_small, self._raw_big, b, B)
+        self.estimator.update(small, big_sq, b, B)
         if per_layer:
             L = len(self._layers)
             for i, name in enumerate(self._layers):
                 s, g = values[4 + i], values[4 + L + i]
-                est = self._layer_estimators.setdefault(
-                    name, NoiseScaleEstimator(self.estimator.beta, ref_batch=self.estimator.ref_batch)
-                )
-                est.update(s / k * to_true, g / m**2 * to_true, b, B)
+                self._sub_estimator(name).update(s / k * to_true, g / m**2 * to_true, b, B)
         if coord is not None:
             base = 4 + (2 * len(self._layers) if per_layer else 0)
             self._record_coordinate_stats(values[base:], k, b, B, c)
         return examples
+
+    def _sub_estimator(self, name: str) -> NoiseScaleEstimator:
+        """The estimator of one module (or of the Adam-preconditioned gradient), smoothed like the whole model's."""
+        est = self._layer_estimators.get(name)
+        if est is None:
+            est = NoiseScaleEstimator(self.estimator.beta, ref_batch=self.estimator.ref_batch)
+            self._layer_estimators[name] = est
+        return est
 
     def _warn_one_microbatch(self) -> None:
         if not self._warned_one_microbatch:
@@ -767,10 +763,7 @@ class ScaledOptimizer(Optimizer):
         for i, h in enumerate(hist):
             self._coord[f"coord/snr_hist/{i}"] = h / total
         if math.isfinite(d["precond_small"]) and self._dp.world_size == 1:
-            est = self._layer_estimators.setdefault(
-                "__adam_preconditioned__",
-                NoiseScaleEstimator(self.estimator.beta, ref_batch=self.estimator.ref_batch),
-            )
+            est = self._sub_estimator("__adam_preconditioned__")
             est.update(d["precond_small"], d["precond_big"], b, B)
 
     # ---- learning rate --------------------------------------------------------------------------------------------
