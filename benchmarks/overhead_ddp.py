@@ -118,9 +118,7 @@ def _worker(rank: int, init_file: str, out: str, workload: str, k: int, reps: in
             "params": n_params,
             "bare_ms": 1e3 * statistics.median(t_bare),
             "wrapped_ms": 1e3 * statistics.median(t_wrap),
-            "ratio": statistics.median(ratios),
-            "ratio_q1": q1,
-            "ratio_q3": q3,
+            "ratio": (q1, statistics.median(ratios), q3),
             "persistent_bytes": mem["persistent"],
             "transient_bytes": mem["transient_peak"],
             "param_bytes": n_params * 4,
@@ -149,7 +147,7 @@ def markdown_row(r: dict[str, Any]) -> str:
     """One row in the column layout of benchmarks/overhead.py's table."""
     return (
         f"| {r['workload']} | {r['k']} | {r['bare_ms']:.1f} | {r['wrapped_ms']:.1f} | "
-        f"{r['ratio']:.3f} [{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}] | "
+        f"{r['ratio'][1]:.3f} [{r['ratio'][0]:.3f}, {r['ratio'][2]:.3f}] | "
         f"{r['persistent_bytes'] / 1024:.1f} KiB | {r['transient_bytes'] / 1024:.1f} KiB | "
         f"{r['persistent_bytes'] / r['param_bytes']:.2%} of fp32 params |"
     )

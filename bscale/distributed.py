@@ -20,9 +20,13 @@ so only a few scalars need to cross ranks, once per step:
 
 with ``w_r = 1/W`` for a replicated gradient (DDP: every rank holds the same ``.grad``) and ``w_r = 1`` for
 a sharded one (FSDP2: the shards' squared norms add up to the whole). Both sums, the counts ``Σ A_r`` and
-``Σ 1/b_{r,j}``, the GradScaler's overflow flag and the per-layer breakdown travel in **one**
-``all_reduce`` of a small float64 vector over the data-parallel group; every rank then computes identical
-readings and applies the identical learning-rate scale.
+``Σ 1/b_{r,j}`` and the per-layer breakdown travel in **one** ``all_reduce`` of a small float64 vector over
+the data-parallel group. It is launched asynchronously at the end of the step's last backward, just after the
+gradient synchronisation has brought the ranks together, runs while they clip and step, and is awaited
+inside ``step()``; every rank then computes identical readings and applies the identical learning-rate
+scale. The GradScaler's loss scale and overflow flag are not reduced: they are the same on every rank
+whenever the ranks step alike (an averaged gradient overflows on every rank or on none, and a sharded
+scaler reduces its own flag).
 
 No DDP communication hook is installed, so a user's own hook (fp16 or bf16 compression, PowerSGD) keeps
 working; the readings then describe the gradient that hook delivers.
@@ -31,8 +35,8 @@ working; the readings then describe the gradient that hook delivers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -152,6 +156,14 @@ class _FSDPGradHook:
             self._tensor_handle = None
 
 
+class PendingReduce(NamedTuple):
+    """A step's all-reduce in flight: the float64 buffer, the collective's work handle, the statistics' length."""
+
+    buf: torch.Tensor
+    work: Any
+    n: int
+
+
 class DataParallel:
     r"""The data-parallel view of one process: where gradients are observed, how step statistics are reduced.
 
@@ -159,7 +171,7 @@ class DataParallel:
     DDP, where the hook sees the local gradient before DDP's all-reduce); a DTensor parameter managed by FSDP2
     (``torch.distributed.fsdp.fully_shard``) is observed through the unsharded parameter FSDP2 computes
     gradients for (torch 2.4–2.13). Collectives run only over ``process_group``, once per step
-    (:meth:`reduce_step`), plus one more with ``debug=True`` (:meth:`check_same`).
+    (:meth:`start_reduce`), plus one more with ``debug=True`` (:meth:`check_same`).
 
     Args:
         process_group: the data-parallel group (default: the world group when ``torch.distributed`` is
@@ -295,49 +307,35 @@ class DataParallel:
 
     # ---- once per step -------------------------------------------------------------------------------------
 
-    def reduce_step(
+    def start_reduce(
         self,
         packed: torch.Tensor,
         *,
         k_local: int,
         inv_sizes: float,
-        big_slice: slice,
-        layer_big_slice: slice | None = None,
-        mean_slices: Iterable[slice] = (),
-        examples: float | None = None,
-    ) -> dict[str, Any]:
-        r"""Combine one step's statistics across ranks in one all-reduce; every rank gets identical results.
+        examples: float,
+        big_slice: slice = slice(1, 2),
+    ) -> PendingReduce:
+        r"""Launch the step's one all-reduce (asynchronous) of this rank's statistics and counts.
+
+        Called at the end of the step's last backward, right after the gradient synchronisation has brought
+        the ranks together, so the collective completes while the ranks clip and step; :meth:`finish_reduce`
+        waits for it inside ``step()``. Every rank must launch the same sequence of these.
 
         Args:
-            packed: this rank's device vector ``[Σ small, Σ big, found_inf, loss_scale, per-layer small...,
-                per-layer big..., per-coordinate...]``; the big entries already weighted by
-                :meth:`grad_weights`.
+            packed: this rank's device vector of statistics, e.g. ``[small..., big...]`` per parameter, the big
+                entries already weighted by :meth:`grad_weights`. All entries are summed over ranks.
             k_local: microbatches (backward calls) on this rank in this step.
             inv_sizes: ``Σ_j 1/b_j`` over this rank's microbatches.
-            big_slice: where the whole gradient's squared norm is in ``packed`` (checked with ``debug=True``).
-            layer_big_slice: where the per-layer squared norms of the synchronised gradient are (summed like
-                ``big_slice``; named for readers of the layout).
-            mean_slices: entries that are the same kind of quantity on every rank (the loss scale,
-                per-coordinate summaries): averaged over ranks instead of summed.
-            examples: ``Σ_j b_j`` over this rank's microbatches (default: ``k_local`` times the harmonic mean).
-
-        Returns:
-            ``{"values": float64 CPU tensor, "microbatches": Σ_r k_r, "inv_sizes": Σ_r Σ_j 1/b_{r,j},
-            "examples": Σ_r Σ_j b_{r,j}}``; single process: ``packed`` unchanged with the local counts.
-
-        Raises:
-            RuntimeError: ranks ran different numbers of microbatches (DDP's average over ranks would then
-                weigh microbatches unequally).
+            examples: ``Σ_j b_j`` over this rank's microbatches.
+            big_slice: where the synchronised gradient's squared norms are in ``packed`` (their sum is compared
+                across ranks with ``debug=True``).
         """
-        if examples is None:
-            examples = k_local * k_local / inv_sizes
-        if self.world_size == 1:
-            return {"values": packed, "microbatches": k_local, "inv_sizes": inv_sizes, "examples": examples}
         n = packed.numel()
         self._device = packed.device
         if self.debug:
             # This rank's view of the synchronised gradient before the sum: equal on all ranks if replicated.
-            self._local_check = packed[big_slice].sum().double().clone()
+            self._local_check = packed[big_slice].double().sum()
         # float64: sums of per-rank float32 statistics and of 1/b stay exact enough to equal one process.
         buf = torch.empty(n + 4, dtype=torch.float64, device=packed.device)
         buf[:n].copy_(packed)
@@ -346,7 +344,25 @@ class DataParallel:
         buf[n + 1] = float(k_local) ** 2
         buf[n + 2] = float(inv_sizes)
         buf[n + 3] = float(examples)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        return PendingReduce(buf, work, n)
+
+    def finish_reduce(self, pending: PendingReduce, extra: torch.Tensor | None = None) -> dict[str, Any]:
+        """Wait for :meth:`start_reduce`'s collective; read it and this rank's own `extra` values in one host sync.
+
+        Returns:
+            ``{"values": [Σ_r packed_r...], "extra": [extra...], "microbatches": Σ_r k_r,
+            "inv_sizes": Σ_r Σ_j 1/b_{r,j}, "examples": Σ_r Σ_j b_{r,j}}``, identical on every rank except
+            ``extra``.
+
+        Raises:
+            RuntimeError: ranks ran different numbers of microbatches (DDP's average over ranks would then
+                weigh microbatches unequally).
+        """
+        pending.work.wait()
+        n, buf = pending.n, pending.buf
+        if extra is not None:
+            buf = torch.cat([buf, extra.to(device=buf.device, dtype=torch.float64).reshape(-1)])
         host = buf.tolist()  # the step's one host synchronisation
         W = self.world_size
         k_sum, k_sq, inv_total = host[n], host[n + 1], host[n + 2]
@@ -357,11 +373,9 @@ class DataParallel:
                 f"over {W} ranks, unequal); DDP and FSDP2 average gradients over ranks, so give every rank "
                 "the same number of backward() calls per step (DistributedSampler pads the last batches)"
             )
-        values = host[:n]
-        for sl in mean_slices:
-            values[sl] = [v / W for v in values[sl]]
         return {
-            "values": torch.tensor(values, dtype=torch.float64),
+            "values": host[:n],
+            "extra": host[n + 4 :],
             "microbatches": round(k_sum),
             "inv_sizes": inv_total,
             "examples": host[n + 3],

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -160,7 +160,12 @@ class NoiseReading:
 
     def as_dict(self) -> dict[str, float]:
         """Flat floats, ``nan`` where a value is missing (for loggers)."""
-        return {k: (math.nan if v is None else float(v)) for k, v in asdict(self).items() if k != "reason"}
+        # Field by field: dataclasses.asdict deep-copies, and this runs every step.
+        return {
+            f.name: (math.nan if (v := getattr(self, f.name)) is None else float(v))
+            for f in fields(self)
+            if f.name != "reason"
+        }
 
 
 _STATE_KEYS = (

@@ -10,7 +10,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim import Optimizer
@@ -19,6 +19,9 @@ from . import laws
 from .estimate import NoiseScaleEstimator
 from .kernels import coordinate_stats, resolve_backend
 from .kernels.sqnorm import accumulate_sq_norms_trusted
+
+if TYPE_CHECKING:
+    from .distributed import PendingReduce
 
 __all__ = ["ScaledOptimizer", "wrap"]
 
@@ -62,6 +65,12 @@ def _check_positive(name: str, value: Any, integer: bool = False, unit: str = "e
     if not ok:
         kind = "a positive integer" if integer else "a positive, finite number"
         raise ValueError(f"Invalid {name}: {value!r}; it must be {kind}" + (f" of {unit}" if unit else ""))
+
+
+# Torch backend: gradients below this many elements are held until the end of their backward and normed
+# together in one op (a kernel dispatch costs as much as reading ~2^16 elements); larger ones are normed in
+# their hook. At most this many elements per parameter tensor are held (256 KiB of float32).
+_HOLD_BELOW = 1 << 16
 
 
 class ScaledOptimizer(Optimizer):
@@ -252,6 +261,15 @@ class ScaledOptimizer(Optimizer):
         self._layer_estimators: dict[str, NoiseScaleEstimator] = {}
         names = {p: n for n, p in named_parameters} if named_parameters is not None else None
         self._param_names = names
+        self._backends: dict[torch.device, str] = {}
+        self._step_norms: list[torch.Tensor] = []  # torch backend: |g| of each gradient seen this step
+        self._step_norm_slots: list[int] = []  # ... and its parameter's slot
+        self._held: list[torch.Tensor] = []  # torch backend: small gradients of this backward, norms at its end
+        self._held_slots: list[int] = []
+        self._held_capacity = 0  # bytes of one gradient of every parameter whose gradients are held
+        self._in_backward = False
+        self._reduce: PendingReduce | None = None  # the step's all-reduce in flight (torch.distributed)
+        self._reduce_k = 0  # ... and the local microbatch count it carries
         for group in optimizer.param_groups:
             self._register(group["params"])
 
@@ -263,9 +281,10 @@ class ScaledOptimizer(Optimizer):
         self._ref_lr_seen = 0.0
         self._peak_pending_bytes = 0
         self._expected_k: int | None = None
-        self._backends: dict[torch.device, str] = {}
-        self._small: torch.Tensor | None = None  # Σ_j |g_j|² per parameter tensor
-        self._big: torch.Tensor | None = None  # |.grad|² per parameter tensor
+        # One float32 device buffer, two slots per parameter tensor, read to the host in one piece at step():
+        self._sums: torch.Tensor | None = None
+        self._small: torch.Tensor | None = None  # its first half: Σ_j |g_j|² per parameter tensor
+        self._big: torch.Tensor | None = None  # its second half: |.grad|² per parameter tensor
         self._coord_sq: dict[int, torch.Tensor] = {}  # per-coordinate mode: Σ_j g_j² per parameter
         self._reset_step_stats()
 
@@ -396,13 +415,43 @@ class ScaledOptimizer(Optimizer):
             if layer not in self._layers:
                 self._layers.append(layer)
             self._layer_of_slot.append(self._layers.index(layer))
-            self._hook_handles.append(self._dp.register_grad_hook(p, self._make_hook(slot)))
+            self._hook_handles.append(self._dp.register_grad_hook(p, self._make_hook(slot, p)))
         self._slots_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def _make_hook(self, slot: int) -> Callable[[torch.Tensor], None]:
+    def _make_hook(self, slot: int, p: torch.Tensor) -> Callable[[torch.Tensor], None]:
         # A weak reference: the parameters outlive a wrapper the user dropped (a new optimizer for the same
         # model), and a strong one would keep it alive, measuring on every backward, for as long as they live.
         ref = weakref.ref(self)
+        if not self.per_coordinate and p.dtype != torch.float64 and self._backend_for(p.device) == "torch":
+            if p.numel() < _HOLD_BELOW:
+                self._held_capacity += p.numel() * p.element_size()
+                # A small gradient is held (an alias) until the end of this backward, when one op takes the norms
+                # of all of them: an op each, dispatched in the middle of backward, would cost more than its bytes.
+                held_append, held_slots_append = self._held.append, self._held_slots.append
+
+                def small_hook(grad: torch.Tensor) -> None:
+                    opt = ref()
+                    if opt is not None:
+                        if not opt._in_backward:
+                            opt._begin_backward()
+                        held_append(grad.detach())
+                        held_slots_append(slot)
+
+                return small_hook
+            # A large gradient: one op, its norm taken now while the gradient is in cache, and no gradient held.
+            # Squares and per-parameter sums wait for the step's last backward.
+            norms_append, slots_append = self._step_norms.append, self._step_norm_slots.append
+            norm, f32 = torch.linalg.vector_norm, torch.float32
+
+            def torch_hook(grad: torch.Tensor) -> None:
+                opt = ref()
+                if opt is not None:
+                    if not opt._in_backward:
+                        opt._begin_backward()
+                    norms_append(norm(grad, dtype=f32))
+                    slots_append(slot)
+
+            return torch_hook
 
         def hook(grad: torch.Tensor) -> None:
             opt = ref()
@@ -411,21 +460,24 @@ class ScaledOptimizer(Optimizer):
 
         return hook
 
+    def _begin_backward(self) -> None:
+        self._in_backward = True
+        # Runs once when this backward finishes, before DDP's own end-of-backward work (queued later).
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
     def _on_grad(self, grad: torch.Tensor, slot: int) -> None:
         if not self._in_backward:
-            self._in_backward = True
-            # Runs once when this backward finishes, before DDP's own end-of-backward work (queued later).
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+            self._begin_backward()
         # A detached alias keeps AccumulateGrad free to adopt the gradient as .grad without a copy.
         g = grad.detach()
         if self._backend_for(g.device) == "torch":
             # Eager torch: take the norm now, while the gradient is in cache, and hold no gradient (a bucket's
             # single launch only pays for holding them on a GPU).
             if g.dtype == torch.float64:  # vector_norm will not narrow float64: round its norm instead
-                self._pending_norms.append(torch.linalg.vector_norm(g).float())
+                self._step_norms.append(torch.linalg.vector_norm(g).float())
             else:
-                self._pending_norms.append(torch.linalg.vector_norm(g, dtype=torch.float32))
-            self._pending_slots.append(slot)
+                self._step_norms.append(torch.linalg.vector_norm(g, dtype=torch.float32))
+            self._step_norm_slots.append(slot)
             if self.per_coordinate:
                 self._coord_buffer(slot, g).addcmul_(g, g)  # float32 buffer: g*g is promoted before rounding
             return
@@ -437,17 +489,22 @@ class ScaledOptimizer(Optimizer):
         if self._pending_bytes >= self._bucket_bytes:
             self._flush()
 
+    def _add_norms(self) -> None:
+        """Add the step's gradient norms taken so far into the per-parameter sums: three ops for all of them."""
+        if not self._step_norms:
+            return
+        device = self._step_norms[0].device
+        self._ensure_sums(device)
+        squares = torch.stack(self._step_norms).square_()
+        self._small.index_add_(0, self._slots_tensor(self._step_norm_slots, device), squares)
+        self._step_norms.clear()
+        self._step_norm_slots.clear()
+
     def _flush(self) -> None:
-        if self._pending_norms:
-            device = self._pending_norms[0].device
-            self._small = self._slot_buffer(self._small, device)
-            squares = torch.stack(self._pending_norms).square_()
-            self._small.index_add_(0, self._slots_tensor(self._pending_slots, device), squares)
-            self._pending_norms, self._pending_slots = [], []
         if not self._pending:
             return
         device = self._pending[0].device
-        self._small = self._slot_buffer(self._small, device)
+        self._ensure_sums(device)
         coord = None
         if self.per_coordinate:
             coord = [self._coord_buffer(s, g) for s, g in zip(self._pending_slots, self._pending, strict=True)]
@@ -460,11 +517,12 @@ class ScaledOptimizer(Optimizer):
         )
         self._pending, self._pending_slots, self._pending_bytes = [], [], 0
 
-    def _slot_buffer(self, buf: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-        """`buf` if it is a float32 vector with one slot per parameter on `device`, else a new zeroed one."""
-        if buf is None or buf.device != device or buf.numel() != len(self._params):
-            buf = torch.zeros(len(self._params), dtype=torch.float32, device=device)
-        return buf
+    def _ensure_sums(self, device: torch.device) -> None:
+        """Allocate the zeroed per-parameter sums on `device` unless they are there with one slot per parameter."""
+        n = len(self._params)
+        if self._sums is None or self._sums.device != device or self._sums.numel() != 2 * n:
+            self._sums = torch.zeros(2 * n, dtype=torch.float32, device=device)
+            self._small, self._big = self._sums[:n], self._sums[n:]
 
     def _backend_for(self, device: torch.device) -> str:
         # Resolved once per device (the choice cannot change mid-run); the per-microbatch calls skip it.
@@ -489,6 +547,11 @@ class ScaledOptimizer(Optimizer):
         return buf
 
     def _end_backward(self) -> None:
+        if self._held:
+            self._step_norms.extend(torch._foreach_norm(self._held, 2, dtype=torch.float32))
+            self._step_norm_slots.extend(self._held_slots)
+            self._held.clear()
+            self._held_slots.clear()
         self._flush()
         self._in_backward = False
         self._sizes.append(float(self.microbatch_size))
@@ -504,11 +567,9 @@ class ScaledOptimizer(Optimizer):
             engine.queue_callback(self._note_versions)
 
     def _grad_versions(self) -> list[int]:
-        out = []
-        for p in self._params:
-            g = self._dp.local_grad(p)
-            out.append(-1 if g is None else g._version)
-        return out
+        if not self._dp.sharded:  # plain tensors: .grad is the local gradient
+            return [-1 if (g := p.grad) is None else g._version for p in self._params]
+        return [-1 if (g := self._dp.local_grad(p)) is None else g._version for p in self._params]
 
     def _note_versions(self) -> None:
         # In-place changes (clipping, GradScaler's unscale) bump these: step() reads .grad late only if none did.
@@ -522,34 +583,72 @@ class ScaledOptimizer(Optimizer):
         return self._have_big
 
     def _read_accumulated(self) -> None:
-        grads, slots = [], []
-        for p in self._params:
-            g = self._dp.local_grad(p)
-            if g is not None:
-                grads.append(g)
-                slots.append(self._slot[p])
-        if not grads:
+        self._add_norms()
+        if self._dp.sharded:
+            grads = [self._dp.local_grad(p) for p in self._params]
+        else:
+            grads = [p.grad for p in self._params]
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
             self._have_big = False
             return
-        device = grads[0].device
-        self._big = self._slot_buffer(self._big, device)
-        self._big.zero_()
-        accumulate_sq_norms_trusted(
-            grads, self._big, self._slots_tensor(slots, device), None, self._backend_for(device)
-        )
+        device = grads[present[0]].device
+        self._ensure_sums(device)
+        backend = self._backend_for(device)
+        if len(present) == len(grads) and backend == "torch" and all(g.dtype != torch.float64 for g in grads):
+            # Every parameter has a gradient (the usual case): the squares land in slot order, in three ops.
+            torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32), out=self._big).square_()
+        else:
+            self._big.zero_()
+            grads = [grads[i] for i in present]
+            accumulate_sq_norms_trusted(grads, self._big, self._slots_tensor(present, device), None, backend)
         self._have_big = True
         self._local_microbatches = self._dp.local_microbatches(len(self._sizes))
+        if self._dp.world_size > 1 and self._reduce is None and len(self._sizes) == self._expected_k:
+            # The expected last backward: the ranks have just synchronised their gradients, so launch the
+            # step's one all-reduce now and let it run while they clip and step. (Without an expected count,
+            # e.g. on the first step, it is launched in step(): one collective per step on every rank, so ranks
+            # that ran fewer microbatches than the others are still told apart, not left waiting.)
+            self._start_reduce()
+
+    def _start_reduce(self) -> None:
+        self._reduce_k = len(self._sizes)
+        self._reduce = self._dp.start_reduce(
+            self._pack_local(),
+            k_local=self._reduce_k,
+            inv_sizes=math.fsum(1.0 / s for s in self._sizes),
+            examples=math.fsum(self._sizes),
+            big_slice=slice(len(self._params), 2 * len(self._params)),
+        )
+
+    def _drop_reduce(self) -> None:
+        if self._reduce is not None:
+            self._reduce.work.wait()  # every rank launched it: complete it, then forget it
+            self._reduce = None
+
+    def _pack_local(self) -> torch.Tensor:
+        """This rank's per-parameter sums on the device, ``[small..., big...]``, the big ones weighted by their
+        share of the synchronised gradient's squared norm (1/W replicated under DDP, 1 sharded under FSDP2)."""
+        w = self._dp.grad_weights(self._params, self._sums.device)
+        if isinstance(w, float) and w == 1.0:
+            return self._sums
+        return torch.cat([self._small, self._big * w])
 
     def _reset_step_stats(self) -> None:
+        self._drop_reduce()
         self._pending: list[torch.Tensor] = []
-        self._pending_norms: list[torch.Tensor] = []
         self._pending_slots: list[int] = []
+        # Cleared, never replaced: the torch-backend hooks hold these lists' append methods.
+        self._step_norms.clear()
+        self._step_norm_slots.clear()
+        self._held.clear()
+        self._held_slots.clear()
         self._pending_bytes = 0
         self._in_backward = False
         self._sizes: list[float] = []
-        # Persistent device buffers (one float32 per parameter tensor), zeroed rather than reallocated.
-        if self._small is not None:
-            self._small.zero_()
+        # Persistent device buffer (two float32 per parameter tensor), zeroed rather than reallocated.
+        if self._sums is not None:
+            self._sums.zero_()
         self._have_big = False
         self._local_microbatches = 0
         self._versions: list[int] | None = None
@@ -617,7 +716,8 @@ class ScaledOptimizer(Optimizer):
         """Consume the step's sums (one host sync), update the estimators; return the step's global batch size."""
         k_local = len(self._sizes)
         self._step_microbatches = float(k_local * self._dp.world_size)
-        if k_local == 0 or self._small is None:
+        self._add_norms()
+        if k_local == 0 or self._sums is None:
             # No backward since the last step: nothing to measure; the batch is unknown, keep the previous one.
             return self._last_batch
         self._expected_k = k_local  # the next step most likely accumulates as many microbatches
@@ -625,44 +725,41 @@ class ScaledOptimizer(Optimizer):
             # Fewer backwards than expected, and .grad was modified (clipped, unscaled) before step(): its
             # unmodified value is gone, so this one step is left out of the estimate (the next one reads in time).
             return self._last_batch
-        inv_sizes = math.fsum(1.0 / s for s in self._sizes)
-        device = self._small.device
         found_inf = getattr(self, "found_inf", None)
         scale = self._scaler_scale()
-        # Each rank's share of the synchronised gradient's squared norm: 1/W replicated (DDP), 1 sharded.
-        w = self._dp.grad_weights(self._params, self._big.device)
-        big = self._big if isinstance(w, float) and w == 1.0 else self._big * w
-        scalars = [
-            self._small.sum(),
-            big.sum(),
-            torch.as_tensor(0.0 if found_inf is None else found_inf, device=device, dtype=torch.float32)
-            .reshape(())
-            .float(),
-            torch.as_tensor(scale, device=device, dtype=torch.float32).reshape(()).float(),
-        ]
-        per_layer = self._param_names is not None
-        packed = torch.stack(scalars)
-        if per_layer:
-            idx = self._slots_tensor(self._layer_of_slot, device)  # cached: no host-to-device copy per step
-            lay_small = torch.zeros(len(self._layers), device=device).index_add_(0, idx, self._small)
-            lay_big = torch.zeros(len(self._layers), device=device).index_add_(0, idx, big)
-            packed = torch.cat([packed, lay_small, lay_big])
+        device = self._sums.device
+        # This rank's own: the loss scale and GradScaler's overflow flag (the same on every rank, see
+        # distributed.py), and the per-coordinate summaries (single process). Device values join the one read.
+        own: list[torch.Tensor] = []
+        if isinstance(found_inf, torch.Tensor) or isinstance(scale, torch.Tensor):
+            own.append(torch.as_tensor(0.0 if found_inf is None else found_inf, device=device).reshape(1).float())
+            own.append(torch.as_tensor(scale, device=device).reshape(1).float())
         coord = self._coordinate_stats(k_local) if self.per_coordinate else None
         if coord is not None:
-            packed = torch.cat([packed, coord])
-        # Cross-rank: sums of microbatch statistics and counts; identical on every rank afterwards.
-        # The loss scale and per-coordinate summaries are averaged over ranks, everything else summed.
-        coord_start = 4 + (2 * len(self._layers) if per_layer else 0)
-        reduced = self._dp.reduce_step(
-            packed,
-            k_local=k_local,
-            inv_sizes=inv_sizes,
-            big_slice=slice(1, 2),
-            layer_big_slice=slice(4 + len(self._layers), 4 + 2 * len(self._layers)) if per_layer else None,
-            mean_slices=(slice(3, 4), slice(coord_start, packed.numel())),
-            examples=math.fsum(self._sizes),
-        )
-        values = reduced["values"].tolist()  # the one host sync of the step
+            own.append(coord)
+        flags = torch.cat(own) if own else None
+        if self._dp.world_size > 1:
+            if self._reduce is not None and self._reduce_k != k_local:
+                # More backwards followed the expected last one (on every rank alike, or the counts check below
+                # fails): complete that collective and send the whole step's statistics again.
+                self._drop_reduce()
+            if self._reduce is None:
+                self._start_reduce()
+            # Cross-rank sums of the microbatch statistics and counts, usually complete by now.
+            reduced = self._dp.finish_reduce(self._reduce, flags)
+            self._reduce = None
+        else:
+            packed = self._pack_local()
+            local = (packed if flags is None else torch.cat([packed, flags])).tolist()  # the step's one host sync
+            n = packed.numel()
+            reduced = {
+                "values": local[:n],
+                "extra": local[n:],
+                "microbatches": k_local,
+                "inv_sizes": math.fsum(1.0 / s for s in self._sizes),
+                "examples": math.fsum(self._sizes),
+            }
+        values, extra = reduced["values"], reduced["extra"]
         k, inv_sizes_total = reduced["microbatches"], reduced["inv_sizes"]
         self._step_microbatches = float(k)
         # .grad holds c·m·ḡ: m = the local accumulation count under DDP and FSDP2 (see DataParallel).
@@ -670,7 +767,14 @@ class ScaledOptimizer(Optimizer):
         b = k / inv_sizes_total  # harmonic mean of the microbatch sizes (MATH.md sec. 2)
         B = k * b  # the estimator's big batch; with unequal microbatches fewer than the examples seen:
         examples = reduced["examples"]  # the step's true batch size, Σ_j b_j over every rank
-        small_sum, big_sum, inf_flag, loss_scale = values[:4]
+        P = len(self._params)
+        small_sums, big_sums = values[:P], values[P:]
+        small_sum, big_sum = math.fsum(small_sums), math.fsum(big_sums)
+        if isinstance(found_inf, torch.Tensor) or isinstance(scale, torch.Tensor):
+            inf_flag, loss_scale = extra[:2]
+            extra = extra[2:]
+        else:
+            inf_flag, loss_scale = (0.0 if found_inf is None else float(found_inf)), float(scale)
         self._last_batch = examples
         self._amp_skipped = inf_flag > 0
         if inf_flag > 0 or not (math.isfinite(small_sum) and math.isfinite(big_sum)) or loss_scale == 0:
@@ -684,14 +788,16 @@ class ScaledOptimizer(Optimizer):
             self._warn_one_microbatch()
             return examples
         self.estimator.update(small, big_sq, b, B)
-        if per_layer:
+        if self._param_names is not None:
             L = len(self._layers)
-            for i, name in enumerate(self._layers):
-                s, g = values[4 + i], values[4 + L + i]
+            lay_small, lay_big = [0.0] * L, [0.0] * L
+            for slot, layer in enumerate(self._layer_of_slot):
+                lay_small[layer] += small_sums[slot]
+                lay_big[layer] += big_sums[slot]
+            for name, s, g in zip(self._layers, lay_small, lay_big, strict=True):
                 self._sub_estimator(name).update(s / k * to_true, g / m**2 * to_true, b, B)
         if coord is not None:
-            base = 4 + (2 * len(self._layers) if per_layer else 0)
-            self._record_coordinate_stats(values[base:], k, b, B, c)
+            self._record_coordinate_stats(extra, k, b, B, c)
         return examples
 
     def _sub_estimator(self, name: str) -> NoiseScaleEstimator:
@@ -906,10 +1012,12 @@ class ScaledOptimizer(Optimizer):
     def memory_bytes(self) -> dict[str, int]:
         """Memory the wrapper holds: ``persistent`` buffers (two float32 values per parameter tensor, plus one
         float32 copy of the parameters in per-coordinate mode) and the ``transient_peak`` of microbatch gradients
-        kept alive until their bucket's fused launch (bounded by ``bucket_mb``)."""
-        persistent = sum(t.numel() * t.element_size() for t in (self._small, self._big) if t is not None)
+        kept alive within a backward: on the torch backend the small ones (under 2^16 elements, normed together
+        when the backward ends; an upper bound), with Triton those waiting for their bucket's fused launch
+        (bounded by ``bucket_mb``)."""
+        persistent = 0 if self._sums is None else self._sums.numel() * self._sums.element_size()
         persistent += sum(b.numel() * b.element_size() for b in self._coord_sq.values())
-        return {"persistent": persistent, "transient_peak": self._peak_pending_bytes}
+        return {"persistent": persistent, "transient_peak": max(self._peak_pending_bytes, self._held_capacity)}
 
     def remove_hooks(self) -> None:
         """Detach every gradient hook (the wrapper then only steps the optimizer)."""

@@ -83,7 +83,10 @@ def assert_readings(got, want, rtol=RTOL, what=""):
     assert len(got) == len(want), what
     for step, (g, w) in enumerate(zip(got, want, strict=True)):
         assert set(g) == set(w), f"{what} step {step}: keys {sorted(set(g) ^ set(w))}"
-        bad = {k: (g[k], w[k]) for k in w if not W.close(g[k], w[k], rtol)}
+        # A standard error from the first few steps is a small difference of second moments: it amplifies the
+        # float32 rounding of the gradients themselves (DDP sums microbatches in another order than one
+        # process) by ~100x, so it gets 10x the tolerance; bit-identical comparisons (rtol 0) stay exact.
+        bad = {k: (g[k], w[k]) for k in w if not W.close(g[k], w[k], rtol * (10 if k.endswith("_stderr") else 1))}
         assert not bad, f"{what} step {step}: (got, want) {bad}"
 
 

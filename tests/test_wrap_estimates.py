@@ -365,3 +365,25 @@ def test_per_layer_readings_on_independent_problems():
         assert stats[f"layer/{name}/noise_scale"] == pytest.approx(truths[name]["noise_scale"], rel=0.05), name
     whole = sum(t["trace_sigma"] for t in truths.values()) / sum(t["grad_sq"] for t in truths.values())
     assert stats["noise_scale"] == pytest.approx(whole, rel=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_and_small_gradients_give_the_hand_computed_estimate(dtype):
+    """Large gradients are normed in their hook, small ones together when each backward ends (float64 ones by
+    the general path): every route gives the per-microbatch closed form."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 300), torch.nn.Tanh(), torch.nn.Linear(300, 256))
+    model.append(torch.nn.Linear(256, 1))
+    model = model.to(dtype)
+    assert max(p.numel() for p in model.parameters()) >= 1 << 16 > min(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(6)
+    microbatches = [(torch.randn(4, 6, generator=g, dtype=dtype), torch.randn(4, 1, generator=g, dtype=dtype))]
+    microbatches += [(torch.randn(4, 6, generator=g, dtype=dtype), torch.randn(4, 1, generator=g, dtype=dtype))]
+    microbatches += [(torch.randn(4, 6, generator=g, dtype=dtype), torch.randn(4, 1, generator=g, dtype=dtype))]
+    expected = _hand_estimates(model, microbatches, [4, 4, 4])
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=4, beta=0.0)
+    for x, y in microbatches:
+        (_loss(model, x, y) / len(microbatches)).backward()
+    opt.step()
+    assert opt.estimator.last_grad_sq == pytest.approx(expected.grad_sq, rel=1e-4)
+    assert opt.estimator.last_trace_sigma == pytest.approx(expected.trace_sigma, rel=1e-4)
