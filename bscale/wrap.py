@@ -133,8 +133,9 @@ class ScaledOptimizer(Optimizer):
         bucket_mb: how many MiB of microbatch gradients are gathered before one fused launch (default: 32).
         backend: kernel backend, ``None`` to choose from the device (default), ``"torch"`` or ``"triton"``.
 
-    Under ``torch.distributed``, one all-reduce of a few scalars per step runs over ``process_group`` inside
-    ``step()``; every rank then holds identical readings and applies the identical learning-rate scale.
+    Under ``torch.distributed``, one all-reduce of a few scalars per step runs over ``process_group``, launched
+    at the end of the step's last backward and awaited in ``step()``; every rank then holds identical readings
+    and applies the identical learning-rate scale.
     """
 
     def __init__(
