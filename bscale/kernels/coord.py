@@ -19,6 +19,7 @@ import itertools
 import math
 import threading
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -289,26 +290,163 @@ def _log_bins(log_edges: tuple[float, float], alpha: float, nbins: int) -> tuple
     return a, c, low, high
 
 
+class _Constants(NamedTuple):
+    """The per-slice ops' scalars as 0-d tensors on the device.
+
+    An op given a Python number wraps it in a tensor first, which costs it several microseconds: about
+    what the op's arithmetic costs on a whole slice. (Two-sided clamp is the exception: its tensor form is
+    the slow one, so `low` and `high` stay numbers.)
+    """
+
+    zero: torch.Tensor
+    tiny: torch.Tensor
+    eps: torch.Tensor
+    cut: torch.Tensor  # the regime boundary of T (see `_coordinate_stats_torch`)
+    offset: torch.Tensor  # c of `_log_bins` (0 when bucketizing)
+
+
+_CONSTANTS: dict[tuple, _Constants] = {}
+
+
+def _constants(device: torch.device, k: int, eps: float, bins: tuple[float, ...] | None) -> _Constants:
+    key = (device, k, eps, bins)
+    consts = _CONSTANTS.get(key)
+    if consts is None:
+        values = [0.0, _TINY, eps, math.pi / (2.0 * (k - 1.0)), 0.0 if bins is None else bins[1]]
+        consts = _Constants(*to_device(torch.tensor(values, dtype=torch.float32), device).unbind())
+        if len(_CONSTANTS) >= 32:
+            _CONSTANTS.clear()
+        _CONSTANTS[key] = consts
+    return consts
+
+
+# Bin indices are counted two to an entry (see `_count_bins`) while (nbins + 1)² entries stay this few.
+_PAIRED_ENTRIES = 4096
+
+
+def _paired(device: torch.device, nbins: int, bins: tuple[float, ...] | None) -> bool:
+    return device.type == "cpu" and bins is not None and (nbins + 1) ** 2 <= _PAIRED_ENTRIES
+
+
+class _Rows(NamedTuple):
+    """Views of the torch path's scratch for one slice of `n` elements (see `_coordinate_stats_torch`)."""
+
+    t: torch.Tensor  # a float32 copy of S, then T = M/D, then the bin coordinate y
+    c: torch.Tensor  # packed C
+    p: torch.Tensor  # packed v, then P², then the regime flags
+    x: torch.Tensor  # M/√D
+    m: torch.Tensor  # M
+    d: torch.Tensor  # C − M, then D
+    md: torch.Tensor  # rows m and d
+    p_md: torch.Tensor  # rows P²M and P²(C − M)
+    summed: torch.Tensor  # flags, M/√D, M, D[, P²M, P²(C − M)]: added up per slice by one reduction
+    index: torch.Tensor  # the bin of each element
+    spare: torch.Tensor  # the element after `index`, when n is odd the partner of its last element
+    first: torch.Tensor  # `index` in two halves (the second ends at `spare` when n is odd)
+    second: torch.Tensor
+    pairs: torch.Tensor  # first * (nbins + 1) + second
+
+
 # Scratch of the torch path, kept per thread and device between calls: fresh multi-MiB buffers come from
-# mmap, and their first touch (page faults) costs as much as the arithmetic on them.
+# mmap, and their first touch (page faults) costs as much as the arithmetic on them. Views into it are kept
+# too, by slice width: slicing and unbinding a dozen rows costs as much as a few ops.
 _SCRATCH = threading.local()
 
 
-def _scratch(width: int, device: torch.device, nbins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eight float32 rows of `width` (see `_coordinate_stats_torch`) and an integer bin-index row.
+def _rows(n: int, device: torch.device, index_dtype: torch.dtype, precond: bool) -> _Rows:
+    """Views of eight float32 rows of at least `n` elements and of two integer bin-index rows.
 
     On the CPU bincount reads int16 several times faster than the int64 that `.long()` makes; index_add_ (the
     other devices) takes int32.
     """
-    small = device.type == "cpu" and nbins <= torch.iinfo(torch.int16).max
-    dtype = torch.int16 if small else torch.int32
     cache = _SCRATCH.__dict__.setdefault("buffers", {})
-    work, index = cache.get((device, dtype), (None, None))
-    if work is None or work.shape[1] < width:
-        work = torch.empty(8, width, dtype=torch.float32, device=device)
-        index = torch.empty(width, dtype=dtype, device=device)
-        cache[(device, dtype)] = work, index
-    return work, index
+    work, index, pairs, views = cache.get((device, index_dtype), (None, None, None, None))
+    if work is None or work.shape[1] < n:
+        work = torch.empty(8, n, dtype=torch.float32, device=device)
+        index = torch.empty(n + 1, dtype=index_dtype, device=device)
+        pairs = torch.empty((n + 1) // 2, dtype=index_dtype, device=device)
+        views = {}
+        cache[(device, index_dtype)] = work, index, pairs, views
+    rows = views.get((n, precond))
+    if rows is None:
+        half = (n + 1) // 2
+        t, c, p, x, m, d, _, _ = work[:, :n]
+        rows = _Rows(
+            t, c, p, x, m, d, work[4:6, :n], work[6:8, :n], work[2 : 8 if precond else 6, :n], index[:n],
+            index[n : n + 1], index[:half], index[half : 2 * half], pairs[:half],
+        )  # fmt: skip
+        if len(views) >= 16:
+            views.clear()
+        views[(n, precond)] = rows
+    return rows
+
+
+def _moments(
+    rows: _Rows, s: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None, k: int, clamp_v: bool, zero_c: bool,
+    consts: _Constants,
+) -> torch.Tensor:  # fmt: skip
+    """One slice's float32 sums of `rows.summed`; leaves T in `rows.t`. Zeroes `c` after its last read when
+    `zero_c` (the slice is still in cache: zeroing then costs no extra read)."""
+    # S²/k is on the scale of C = Σ g²: it under- or overflows float32 only where C itself would.
+    torch.addcmul(consts.zero, s, s, value=1.0 / k, out=rows.m)  # s (maybe in t) is dead from here on
+    torch.sub(c, rows.m, out=rows.d)  # below 0 only by rounding
+    if v is not None:
+        p = rows.p
+        if clamp_v:
+            torch.clamp_min(v if v.dtype == torch.float32 else p.copy_(v), consts.tiny, out=p)
+        elif v is not p:
+            p.copy_(v)
+        p.sqrt_().add_(consts.eps).pow_(-2)  # P² = 1/(√v + ε)²
+        # P²M and P²(C − M) in one op: they add up to P²C within float32 rounding (M ≤ C but for rounding).
+        torch.mul(rows.md, p, out=rows.p_md)
+    if zero_c:
+        c.zero_()
+    d = rows.d.clamp_min_(consts.zero)
+    # M/√D, with σ̂ = 0 (rsqrt = inf) dropped from Σ μ̂²/σ̂; a NaN input stays NaN.
+    torch.rsqrt(d, out=rows.x).nan_to_num_(nan=math.nan, posinf=0.0).mul_(rows.m)
+    # T: NaN where μ̂ = σ̂ = 0 (0/0), inf where σ̂ = 0 < |μ̂|.
+    torch.div(rows.m, d, out=rows.t)
+    # Outside the regime: T >= cut. NaN compares False, so μ̂ = 0 counts as inside.
+    torch.ge(rows.t, consts.cut, out=rows.p)
+    return rows.summed.sum(1)
+
+
+def _bin_index(
+    rows: _Rows, bins: tuple[float, ...] | None, consts: _Constants, edges: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """The bin of each element of the slice, from T in `rows.t` (which it overwrites)."""
+    t = rows.t
+    if bins is None:
+        snr = t.nan_to_num_(nan=math.inf).mul_(alpha).sqrt_()  # σ̂ = 0 goes to the overflow bin
+        return torch.bucketize(snr, edges, right=True)
+    scale, _, low, high = bins
+    # σ̂ = 0 (NaN, inf) joins the overflow bin; T = 0 (μ̂ = 0) the first bin.
+    t.nan_to_num_(nan=high, posinf=high).clamp_(low, high)
+    torch.add(consts.offset, t.log2_(), alpha=scale, out=t)  # y = c + a log2 T, in (-1, nbins)
+    return rows.index.copy_(t)  # truncation toward 0: the clamped floor of y
+
+
+def _count_bins(rows: _Rows, idx: torch.Tensor, nbins: int, paired: bool) -> torch.Tensor:
+    """bincount of `idx` (the CPU's), two bins to an entry when `paired` (see `_fold_counts`).
+
+    bincount's loop costs about a nanosecond an element, several times any other pass over the index: pairs
+    halve it for one pass over half the index in int16.
+    """
+    if not paired:
+        return torch.bincount(idx, minlength=nbins)
+    if idx.numel() % 2:
+        rows.spare.fill_(nbins)  # a bin no element has: `_fold_counts` drops it
+    torch.add(rows.second, rows.first, alpha=nbins + 1, out=rows.pairs)
+    return torch.bincount(rows.pairs, minlength=(nbins + 1) ** 2)
+
+
+def _fold_counts(counts: list[torch.Tensor], nbins: int, paired: bool) -> torch.Tensor:
+    """The histogram from the slices' bincounts; a paired entry a·(nbins + 1) + b counts bin a and bin b."""
+    total = counts[0] if len(counts) == 1 else torch.stack(counts).sum(0)
+    if not paired:
+        return total
+    square = total.view(nbins + 1, nbins + 1)
+    return (square.sum(1) + square.sum(0))[:nbins]
 
 
 @torch.no_grad()  # statistics of gradients: nothing to differentiate, and out= ops refuse autograd inputs
@@ -332,6 +470,9 @@ def _coordinate_stats_torch(
     so that the constants move out of the loop: sums are scaled once at the end (in float64), the regime test
     of Surge thm. 3 is :math:`2B\hat\mu^2 < \pi\hat\sigma^2 \Leftrightarrow T < \pi / (2(k-1))` (no
     square root, no division by σ̂), and the histogram bins log2(T) (see :func:`_log_bins`).
+
+    A slice costs ~22 eager ops (see `_moments`, `_bin_index`, `_count_bins`): one pass each over the slice
+    plus a few microseconds of dispatch.
     """
     device = edges.device
     nbins = edges.numel() + 1
@@ -339,64 +480,38 @@ def _coordinate_stats_torch(
     total = sum(c.numel() for c in coord_sq)
     alpha = (k - 1.0) / (k * b)
     bins = None if log_edges is None else _log_bins(log_edges, alpha, nbins)
-    ratio_cut = math.pi / (2.0 * (k - 1.0))
+    consts = _constants(device, k, eps, bins)
+    paired = _paired(device, nbins, bins)
+    small = device.type == "cpu" and (nbins + 1) ** 2 <= torch.iinfo(torch.int16).max
+    index_dtype = torch.int16 if small else torch.int32
     # eps >= 1e-11: √v below √tiny ≈ 1.1e-19 is under half an ulp of eps, so clamping v at tiny (which keeps
     # sqrt on its fast path) leaves √v + eps, and P, bit for bit as they were.
     clamp_v = eps >= 1e-11
-    work, index = _scratch(min(total, _SLICE), device, nbins)
-    summed = work[2:8] if precond else work[2:6]  # rows added up per slice (pairwise: float32-accurate)
-    one = torch.ones((), dtype=torch.int64, device=device)
-    zero = torch.zeros((), dtype=torch.float32, device=device)
-    hist = torch.zeros(nbins, dtype=torch.int64, device=device)
     row_sums: list[torch.Tensor] = []
+    counts: list[torch.Tensor] = []
+    hist = torch.zeros(nbins, dtype=torch.int64, device=device)  # counted into on other devices
     for group in _slices(grad_sums, coord_sq, exp_avg_sq):
         n = sum(piece[1].numel() for piece in group)
-        # Rows: T (first a float32 copy of S), packed C, P² (then the regime flags), M/√D, M, D, P²C, P²M;
-        # the last six are adjacent so that one reduction sums them.
-        t, c_buf, p2, m_inv, m, d, p2_c, p2_m = work[:, :n]
+        rows = _rows(n, device, index_dtype, precond)
         if len(group) == 1:
             s, c, v = group[0]
             if s.dtype != torch.float32:
-                s = t.copy_(s)  # float32 before squaring: S² of a bf16 S rounded in bf16 would lose 8 bits
+                s = rows.t.copy_(s)  # float32 before squaring: S² of a bf16 S rounded in bf16 would lose 8 bits
         else:
-            s = torch.cat([piece[0] for piece in group], out=t)
-            c = torch.cat([piece[1] for piece in group], out=c_buf)
-            v = torch.cat([piece[2] for piece in group], out=p2) if precond else None
+            s = torch.cat([piece[0] for piece in group], out=rows.t)
+            c = torch.cat([piece[1] for piece in group], out=rows.c)
+            v = torch.cat([piece[2] for piece in group], out=rows.p) if precond else None
             if reset:  # already copied out
                 torch._foreach_zero_([piece[1] for piece in group])
-        # S²/k is on the scale of C = Σ g²: it under- or overflows float32 only where C itself would.
-        torch.addcmul(zero, s, s, value=1.0 / k, out=m)  # s (maybe in t) is dead from here on
-        torch.sub(c, m, out=d).clamp_min_(0.0)  # clamp: rounding can go below 0
-        # M/√D, with σ̂ = 0 (rsqrt = inf) dropped from Σ μ̂²/σ̂; a NaN input stays NaN.
-        torch.rsqrt(d, out=m_inv).nan_to_num_(nan=math.nan, posinf=0.0).mul_(m)
-        if precond:
-            if clamp_v:
-                torch.clamp_min(v if v.dtype == torch.float32 else p2.copy_(v), _TINY, out=p2)
-            elif v is not p2:
-                p2.copy_(v)
-            p2.sqrt_().add_(eps).pow_(-2)  # P² = 1/(√v + ε)²
-            torch.mul(p2, c, out=p2_c)
-            torch.mul(p2, m, out=p2_m)
-        if reset and len(group) == 1:
-            c.zero_()  # the slice is still in cache: zeroing here costs no extra read
-        # T: NaN where μ̂ = σ̂ = 0 (0/0), inf where σ̂ = 0 < |μ̂|.
-        torch.div(m, d, out=t)
-        # Outside the regime: T >= cut. NaN compares False, so μ̂ = 0 counts as inside.
-        torch.ge(t, ratio_cut, out=p2)
-        row_sums.append(summed[:, :n].sum(1))  # outside, Σ M/√D, Σ M, Σ D[, Σ P²C, Σ P²M]
-        if bins is not None:
-            scale, offset, low, high = bins
-            # σ̂ = 0 (NaN, inf) joins the overflow bin; T = 0 (μ̂ = 0) the first bin.
-            t.nan_to_num_(nan=high, posinf=high).clamp_(low, high)
-            idx = index[:n].copy_(t.log2_().mul_(scale).add_(offset))  # truncation toward 0: y > -1
-        else:
-            snr = t.nan_to_num_(nan=math.inf).mul_(alpha).sqrt_()  # σ̂ = 0 goes to the overflow bin
-            idx = torch.bucketize(snr, edges, right=True)
+        row_sums.append(_moments(rows, s, c, v, k, clamp_v, reset and len(group) == 1, consts))
+        idx = _bin_index(rows, bins, consts, edges, alpha)
         if device.type == "cpu":
-            hist += torch.bincount(idx, minlength=nbins)
+            counts.append(_count_bins(rows, idx, nbins, paired))
         else:  # bincount sizes its output from the data on CUDA (a host sync); index_add_ does not
-            hist.index_add_(0, idx, one.expand_as(idx))
-    return _assemble(row_sums, summed.shape[0], hist, total, k, b, precond)
+            hist.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int64))
+    if counts:
+        hist = _fold_counts(counts, nbins, paired)
+    return _assemble(row_sums, 6 if precond else 4, hist, total, k, b, precond)
 
 
 def _assemble(
@@ -407,24 +522,39 @@ def _assemble(
     # Slice sums are float32; adding them in float64 keeps the total at float32 accuracy.
     acc = torch.float32 if device.type == "mps" else torch.float64
     if row_sums:
-        sums = torch.stack(row_sums).sum(0, dtype=acc)
+        sums = row_sums[0].to(acc) if len(row_sums) == 1 else torch.stack(row_sums).sum(0, dtype=acc)
     else:
         sums = torch.zeros(width, dtype=acc, device=device)
-    # sums = (outside, Σ M/√D, Σ M, Σ D[, Σ P²C, Σ P²M]). Slot i is sums[source[i]] · scale[i] + bias[i];
-    # constant slots read the outside count, always finite, so that an inf elsewhere cannot make them NaN.
-    source = [2, 3, 1, 0, 4, 5, 0] if precond else [2, 3, 1, 0, 0, 0, 0]
+    source, scale, bias, source2, scale2 = _assembly_tables(device, acc, k, b, total, precond)
+    scalars = torch.addcmul(bias, sums[source], scale)
+    if precond:
+        scalars.addcmul_(sums[source2], scale2)  # precond_small: Σ P²(C − M) joins Σ P²M
+    out = torch.empty(len(SLOTS) + hist.numel(), dtype=torch.float32, device=device)
+    return torch.cat([scalars, hist.to(acc)], out=out)
+
+
+@functools.lru_cache(maxsize=32)
+def _assembly_tables(
+    device: torch.device, acc: torch.dtype, k: int, b: float, total: int, precond: bool
+) -> tuple[torch.Tensor, ...]:
+    """Slot i is sums[source[i]] · scale[i] + bias[i] (+ sums[source2[i]] · scale2[i] with precond).
+
+    sums = (outside, Σ M/√D, Σ M, Σ D[, Σ P²M, Σ P²(C − M)]). Constant slots read the outside count, always
+    finite, so that an inf elsewhere cannot make them NaN.
+    """
+    source = [2, 3, 1, 0, 4, 4, 0] if precond else [2, 3, 1, 0, 0, 0, 0]
     scale = [
         1.0 / k,  # Σ μ̂² = Σ M / k
         b / (k - 1.0),  # Σ σ̂² = b/(k−1) Σ D
         1.0 / (k * math.sqrt(b / (k - 1.0))),  # Σ μ̂²/σ̂ = Σ M/√D / (k √(b/(k−1)))
         0.0,
-        1.0 / k if precond else 0.0,  # Σ P² m2 = Σ P²C / k
+        1.0 / k if precond else 0.0,  # Σ P² m2 = Σ P²C / k = (Σ P²M + Σ P²(C − M)) / k
         1.0 / k if precond else 0.0,  # Σ P² μ̂² = Σ P²M / k
         -1.0 / max(total, 1),  # frac = 1 − outside / N
     ]
     bias = [0.0, 0.0, 0.0, float(total), 0.0, 0.0, 1.0 if total else 0.0]
-    table = to_device(torch.tensor([scale, bias], dtype=acc), device)
-    picked = sums[to_device(torch.tensor(source, dtype=torch.int64), device)]
-    scalars = torch.addcmul(table[1], picked, table[0])
-    out = torch.empty(len(SLOTS) + hist.numel(), dtype=torch.float32, device=device)
-    return torch.cat([scalars, hist.to(acc)], out=out)
+    source2 = [0, 0, 0, 0, 5, 0, 0]
+    scale2 = [0.0, 0.0, 0.0, 0.0, 1.0 / k, 0.0, 0.0]
+    index = to_device(torch.tensor([source, source2], dtype=torch.int64), device)
+    table = to_device(torch.tensor([scale, bias, scale2], dtype=acc), device)
+    return index[0], table[0], table[1], index[1], table[2]
