@@ -423,22 +423,24 @@ class ScaledOptimizer(Optimizer):
         # A weak reference: the parameters outlive a wrapper the user dropped (a new optimizer for the same
         # model), and a strong one would keep it alive, measuring on every backward, for as long as they live.
         ref = weakref.ref(self)
-        if not self.per_coordinate and p.dtype != torch.float64 and self._backend_for(p.device) == "torch":
-            if p.numel() < _HOLD_BELOW:
-                self._held_capacity += p.numel() * p.element_size()
-                # A small gradient is held (an alias) until the end of this backward, when one op takes the norms
-                # of all of them: an op each, dispatched in the middle of backward, would cost more than its bytes.
-                held_append, held_slots_append = self._held.append, self._held_slots.append
+        torch_backend = p.dtype != torch.float64 and self._backend_for(p.device) == "torch"
+        if torch_backend and p.numel() < _HOLD_BELOW:
+            self._held_capacity += p.numel() * p.element_size()
+            # A small gradient is held (an alias) until the end of this backward, when one op takes the norms of
+            # all of them (and one more adds their squares in per-coordinate mode): an op each, dispatched in the
+            # middle of backward, would cost more than its bytes.
+            held_append, held_slots_append = self._held.append, self._held_slots.append
 
-                def small_hook(grad: torch.Tensor) -> None:
-                    opt = ref()
-                    if opt is not None:
-                        if not opt._in_backward:
-                            opt._begin_backward()
-                        held_append(grad.detach())
-                        held_slots_append(slot)
+            def small_hook(grad: torch.Tensor) -> None:
+                opt = ref()
+                if opt is not None:
+                    if not opt._in_backward:
+                        opt._begin_backward()
+                    held_append(grad.detach())
+                    held_slots_append(slot)
 
-                return small_hook
+            return small_hook
+        if torch_backend and not self.per_coordinate:
             # A large gradient: one op, its norm taken now while the gradient is in cache, and no gradient held.
             # Squares and per-parameter sums wait for the step's last backward.
             norms_append, slots_append = self._step_norms.append, self._step_norm_slots.append
@@ -549,6 +551,9 @@ class ScaledOptimizer(Optimizer):
 
     def _end_backward(self) -> None:
         if self._held:
+            if self.per_coordinate:  # float32 buffers: g*g is promoted before rounding
+                bufs = [self._coord_buffer(s, g) for s, g in zip(self._held_slots, self._held, strict=True)]
+                torch._foreach_addcmul_(bufs, self._held, self._held)
             self._step_norms.extend(torch._foreach_norm(self._held, 2, dtype=torch.float32))
             self._step_norm_slots.extend(self._held_slots)
             self._held.clear()
