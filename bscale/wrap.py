@@ -572,10 +572,13 @@ class ScaledOptimizer(Optimizer):
             self._have_big = False
             engine.queue_callback(self._note_versions)
 
+    def _local_grads(self) -> list[torch.Tensor | None]:
+        if self._dp.sharded:
+            return [self._dp.local_grad(p) for p in self._params]
+        return [p.grad for p in self._params]  # plain tensors: .grad is the local gradient
+
     def _grad_versions(self) -> list[int]:
-        if not self._dp.sharded:  # plain tensors: .grad is the local gradient
-            return [-1 if (g := p.grad) is None else g._version for p in self._params]
-        return [-1 if (g := self._dp.local_grad(p)) is None else g._version for p in self._params]
+        return [-1 if g is None else g._version for g in self._local_grads()]
 
     def _note_versions(self) -> None:
         # In-place changes (clipping, GradScaler's unscale) bump these: step() reads .grad late only if none did.
@@ -590,10 +593,7 @@ class ScaledOptimizer(Optimizer):
 
     def _read_accumulated(self) -> None:
         self._add_norms()
-        if self._dp.sharded:
-            grads = [self._dp.local_grad(p) for p in self._params]
-        else:
-            grads = [p.grad for p in self._params]
+        grads = self._local_grads()
         present = [i for i, g in enumerate(grads) if g is not None]
         if not present:
             self._have_big = False
