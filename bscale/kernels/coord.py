@@ -18,7 +18,7 @@ import functools
 import itertools
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -41,16 +41,17 @@ SLOTS: tuple[str, ...] = (
     "frac_small_batch",
 )
 
-# Elements per slice of the torch path. A slice costs ~25 whole-slice eager ops whatever its size: at 2^18,
-# dispatch (~5 µs an op) is a few percent of the arithmetic (~10 ns an element on one core), while the
-# eight float32 scratch rows and the int16 bin index (8.5 MiB) stay in the L3 cache. Slice sums are pairwise
-# float32 sums over at most this many terms (relative error ~1e-7).
+# Elements per slice of the torch path. A slice costs ~22 whole-slice eager ops whatever its size: at 2^18,
+# their dispatch (5-15 µs an op) is a few percent of the arithmetic (~7 ns an element on one core), while
+# the eight float32 scratch rows and the int16 bin indices (9 MiB) stay in the L3 cache; 2^17 measures the
+# same, smaller slices pay more dispatch and larger ones spill. Slice sums are pairwise float32 sums over at
+# most this many terms (relative error ~1e-7).
 _SLICE = 1 << 18
 # Tensors below this many elements are packed (one copy each) into shared slices: for them dispatch, not
 # arithmetic, is the cost. A 240k-parameter char-level transformer (28 tensors) becomes one slice.
 _PACK_BELOW = 1 << 16
-# Smallest normal float32. Special values make the vectorized sqrt and log several times (log of 0 ~25x)
-# slower, so inputs to them are first clamped into the normal range where that cannot change a result.
+# Smallest normal float32. Special values make the vectorized log several times (log of 0 ~25x) slower, so
+# its inputs are first clamped into the normal range where that cannot change a result.
 _TINY = torch.finfo(torch.float32).tiny
 
 _EDGE_CACHE: dict[tuple[tuple[float, ...], torch.device], torch.Tensor] = {}
@@ -233,35 +234,28 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
-_Piece = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-
-
-def _slices(
-    grad_sums: list[torch.Tensor], coord_sq: list[torch.Tensor], exp_avg_sq: list[torch.Tensor] | None
-) -> Iterator[list[_Piece]]:
-    """Flat `(S, C, v)` views in groups of at most `_SLICE` elements: a large tensor alone, in slices of
-    `_SLICE`; tensors under `_PACK_BELOW` elements together, in order."""
-    packed: list[_Piece] = []
+@functools.lru_cache(maxsize=32)
+def _plan(numels: tuple[int, ...], slice_size: int, pack_below: int) -> tuple[tuple[tuple[int, ...], int, int], ...]:
+    """`(members, lo, hi)` groups of at most `slice_size` elements, in order: a tensor of `pack_below` elements or
+    more alone, elements `lo:hi` of it per group; smaller tensors packed together (elements `0:hi` of the
+    pack). Cached: the sizes repeat every step."""
+    groups: list[tuple[tuple[int, ...], int, int]] = []
+    packed: list[int] = []
     size = 0
-    for i, c_full in enumerate(coord_sq):
-        n = c_full.numel()
+    for i, n in enumerate(numels):
         if n == 0:
             continue
-        c = _flat(c_full)
-        s = _flat(flat_like(grad_sums[i], c_full))
-        v = None if exp_avg_sq is None else _flat(flat_like(exp_avg_sq[i], c_full))
-        if n >= _PACK_BELOW:
-            for lo in range(0, n, _SLICE):
-                hi = lo + _SLICE
-                yield [(s[lo:hi], c[lo:hi], None if v is None else v[lo:hi])]
+        if n >= pack_below:
+            groups += [((i,), lo, min(lo + slice_size, n)) for lo in range(0, n, slice_size)]
             continue
-        if size + n > _SLICE:
-            yield packed
+        if size + n > slice_size:
+            groups.append((tuple(packed), 0, size))
             packed, size = [], 0
-        packed.append((s, c, v))
+        packed.append(i)
         size += n
     if packed:
-        yield packed
+        groups.append((tuple(packed), 0, size))
+    return tuple(groups)
 
 
 def _log_bins(log_edges: tuple[float, float], alpha: float, nbins: int) -> tuple[float, ...] | None:
@@ -293,13 +287,12 @@ def _log_bins(log_edges: tuple[float, float], alpha: float, nbins: int) -> tuple
 class _Constants(NamedTuple):
     """The per-slice ops' scalars as 0-d tensors on the device.
 
-    An op given a Python number wraps it in a tensor first, which costs it several microseconds: about
-    what the op's arithmetic costs on a whole slice. (Two-sided clamp is the exception: its tensor form is
-    the slow one, so `low` and `high` stay numbers.)
+    An op given a Python number wraps it in a tensor first, which adds several microseconds to its dispatch
+    (more than doubling it). Two-sided clamp is the exception: its tensor form takes several times longer
+    per element, so `low` and `high` stay numbers.
     """
 
     zero: torch.Tensor
-    tiny: torch.Tensor
     eps: torch.Tensor
     cut: torch.Tensor  # the regime boundary of T (see `_coordinate_stats_torch`)
     offset: torch.Tensor  # c of `_log_bins` (0 when bucketizing)
@@ -312,7 +305,7 @@ def _constants(device: torch.device, k: int, eps: float, bins: tuple[float, ...]
     key = (device, k, eps, bins)
     consts = _CONSTANTS.get(key)
     if consts is None:
-        values = [0.0, _TINY, eps, math.pi / (2.0 * (k - 1.0)), 0.0 if bins is None else bins[1]]
+        values = [0.0, eps, math.pi / (2.0 * (k - 1.0)), 0.0 if bins is None else bins[1]]
         consts = _Constants(*to_device(torch.tensor(values, dtype=torch.float32), device).unbind())
         if len(_CONSTANTS) >= 32:
             _CONSTANTS.clear()
@@ -336,10 +329,10 @@ class _Rows(NamedTuple):
     p: torch.Tensor  # packed v, then P², then the regime flags
     x: torch.Tensor  # M/√D
     m: torch.Tensor  # M
-    d: torch.Tensor  # C − M, then D
-    md: torch.Tensor  # rows m and d
-    p_md: torch.Tensor  # rows P²M and P²(C − M)
-    summed: torch.Tensor  # flags, M/√D, M, D[, P²M, P²(C − M)]: added up per slice by one reduction
+    d: torch.Tensor  # D
+    p_c: torch.Tensor  # P²C
+    p_m: torch.Tensor  # P²M
+    summed: torch.Tensor  # flags, M/√D, M, D[, P²C, P²M]: added up per slice by one reduction
     index: torch.Tensor  # the bin of each element
     spare: torch.Tensor  # the element after `index`, when n is odd the partner of its last element
     first: torch.Tensor  # `index` in two halves (the second ends at `spare` when n is odd)
@@ -347,61 +340,88 @@ class _Rows(NamedTuple):
     pairs: torch.Tensor  # first * (nbins + 1) + second
 
 
-# Scratch of the torch path, kept per thread and device between calls: fresh multi-MiB buffers come from
-# mmap, and their first touch (page faults) costs as much as the arithmetic on them. Views into it are kept
-# too, by slice width: slicing and unbinding a dozen rows costs as much as a few ops.
-_SCRATCH = threading.local()
+class _Scratch:
+    """Eight float32 rows of `width` (see `_Rows`) and two integer bin-index rows, with views into them.
 
-
-def _rows(n: int, device: torch.device, index_dtype: torch.dtype, precond: bool) -> _Rows:
-    """Views of eight float32 rows of at least `n` elements and of two integer bin-index rows.
-
+    Kept per thread and device between calls (`_scratch`): fresh multi-MiB buffers come from mmap, and their
+    first touch (page faults) costs as much as the arithmetic on them. The views are kept too, by slice width
+    and by the shapes of packed tensors: building a few dozen views costs as much as several whole-slice ops.
     On the CPU bincount reads int16 several times faster than the int64 that `.long()` makes; index_add_ (the
     other devices) takes int32.
     """
+
+    def __init__(self, width: int, device: torch.device, index_dtype: torch.dtype) -> None:
+        self.work = torch.empty(8, width, dtype=torch.float32, device=device)
+        self.index = torch.empty(width + 1, dtype=index_dtype, device=device)
+        self.pairs = torch.empty((width + 1) // 2, dtype=index_dtype, device=device)
+        self._rows: dict[tuple[int, bool], _Rows] = {}
+        self._packs: dict[tuple[torch.Size, ...], tuple[list[torch.Tensor], ...]] = {}
+
+    def rows(self, n: int, precond: bool) -> _Rows:
+        rows = self._rows.get((n, precond))
+        if rows is None:
+            work, index, half = self.work[:, :n], self.index, (n + 1) // 2
+            t, c, p, x, m, d, p_c, p_m = work
+            rows = _Rows(
+                t, c, p, x, m, d, p_c, p_m, work[2 : 8 if precond else 6], index[:n], index[n : n + 1],
+                index[:half], index[half : 2 * half], self.pairs[:half],
+            )  # fmt: skip
+            if len(self._rows) >= 16:
+                self._rows.clear()
+            self._rows[(n, precond)] = rows
+        return rows
+
+    def packs(self, shapes: tuple[torch.Size, ...]) -> tuple[list[torch.Tensor], ...]:
+        """Views shaped like the packed tensors, one after another in rows t, c and p (S, C and v)."""
+        views = self._packs.get(shapes)
+        if views is None:
+            views = tuple([] for _ in range(3))
+            start = 0
+            for shape in shapes:
+                n = shape.numel()
+                for row, out in zip(self.work[:3], views, strict=True):
+                    out.append(row[start : start + n].view(shape))
+                start += n
+            if len(self._packs) >= 16:
+                self._packs.clear()
+            self._packs[shapes] = views
+        return views
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(width: int, device: torch.device, index_dtype: torch.dtype) -> _Scratch:
     cache = _SCRATCH.__dict__.setdefault("buffers", {})
-    work, index, pairs, views = cache.get((device, index_dtype), (None, None, None, None))
-    if work is None or work.shape[1] < n:
-        work = torch.empty(8, n, dtype=torch.float32, device=device)
-        index = torch.empty(n + 1, dtype=index_dtype, device=device)
-        pairs = torch.empty((n + 1) // 2, dtype=index_dtype, device=device)
-        views = {}
-        cache[(device, index_dtype)] = work, index, pairs, views
-    rows = views.get((n, precond))
-    if rows is None:
-        half = (n + 1) // 2
-        t, c, p, x, m, d, _, _ = work[:, :n]
-        rows = _Rows(
-            t, c, p, x, m, d, work[4:6, :n], work[6:8, :n], work[2 : 8 if precond else 6, :n], index[:n],
-            index[n : n + 1], index[:half], index[half : 2 * half], pairs[:half],
-        )  # fmt: skip
-        if len(views) >= 16:
-            views.clear()
-        views[(n, precond)] = rows
-    return rows
+    scratch = cache.get((device, index_dtype))
+    if scratch is None or scratch.work.shape[1] < width:
+        scratch = cache[(device, index_dtype)] = _Scratch(width, device, index_dtype)
+    return scratch
 
 
 def _moments(
-    rows: _Rows, s: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None, k: int, clamp_v: bool, zero_c: bool,
+    rows: _Rows, s: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None, k: int, zero_c: bool,
     consts: _Constants,
 ) -> torch.Tensor:  # fmt: skip
     """One slice's float32 sums of `rows.summed`; leaves T in `rows.t`. Zeroes `c` after its last read when
     `zero_c` (the slice is still in cache: zeroing then costs no extra read)."""
     # S²/k is on the scale of C = Σ g²: it under- or overflows float32 only where C itself would.
     torch.addcmul(consts.zero, s, s, value=1.0 / k, out=rows.m)  # s (maybe in t) is dead from here on
-    torch.sub(c, rows.m, out=rows.d)  # below 0 only by rounding
+    d = torch.sub(c, rows.m, out=rows.d).clamp_min_(consts.zero)  # clamp: rounding can go below 0
     if v is not None:
+        # P² = 1/(√v + ε)², with √v as 1/rsqrt(v): vectorized sqrt takes several times longer on 0 and on
+        # subnormals (Adam's v of parameters that never or long ago had a gradient), rsqrt does not, and
+        # 1/rsqrt(0) = 0 exactly. Together they cost less than sqrt alone and are within an ulp of it.
         p = rows.p
-        if clamp_v:
-            torch.clamp_min(v if v.dtype == torch.float32 else p.copy_(v), consts.tiny, out=p)
-        elif v is not p:
-            p.copy_(v)
-        p.sqrt_().add_(consts.eps).pow_(-2)  # P² = 1/(√v + ε)²
-        # P²M and P²(C − M) in one op: they add up to P²C within float32 rounding (M ≤ C but for rounding).
-        torch.mul(rows.md, p, out=rows.p_md)
+        if v.dtype == torch.float32:
+            torch.rsqrt(v, out=p)
+        else:
+            p.copy_(v).rsqrt_()  # float32 first: rsqrt of a bf16 v would round in bf16
+        p.reciprocal_().add_(consts.eps).pow_(-2)
+        torch.mul(p, c, out=rows.p_c)
+        torch.mul(p, rows.m, out=rows.p_m)
     if zero_c:
         c.zero_()
-    d = rows.d.clamp_min_(consts.zero)
     # M/√D, with σ̂ = 0 (rsqrt = inf) dropped from Σ μ̂²/σ̂; a NaN input stays NaN.
     torch.rsqrt(d, out=rows.x).nan_to_num_(nan=math.nan, posinf=0.0).mul_(rows.m)
     # T: NaN where μ̂ = σ̂ = 0 (0/0), inf where σ̂ = 0 < |μ̂|.
@@ -427,7 +447,7 @@ def _bin_index(
 
 
 def _count_bins(rows: _Rows, idx: torch.Tensor, nbins: int, paired: bool) -> torch.Tensor:
-    """bincount of `idx` (the CPU's), two bins to an entry when `paired` (see `_fold_counts`).
+    """bincount of `idx` (the CPU's), two bins to an entry a·(nbins + 1) + b when `paired`.
 
     bincount's loop costs about a nanosecond an element, several times any other pass over the index: pairs
     halve it for one pass over half the index in int16.
@@ -435,18 +455,9 @@ def _count_bins(rows: _Rows, idx: torch.Tensor, nbins: int, paired: bool) -> tor
     if not paired:
         return torch.bincount(idx, minlength=nbins)
     if idx.numel() % 2:
-        rows.spare.fill_(nbins)  # a bin no element has: `_fold_counts` drops it
+        rows.spare.fill_(nbins)  # a bin no element has, left out by `_assemble`
     torch.add(rows.second, rows.first, alpha=nbins + 1, out=rows.pairs)
     return torch.bincount(rows.pairs, minlength=(nbins + 1) ** 2)
-
-
-def _fold_counts(counts: list[torch.Tensor], nbins: int, paired: bool) -> torch.Tensor:
-    """The histogram from the slices' bincounts; a paired entry a·(nbins + 1) + b counts bin a and bin b."""
-    total = counts[0] if len(counts) == 1 else torch.stack(counts).sum(0)
-    if not paired:
-        return total
-    square = total.view(nbins + 1, nbins + 1)
-    return (square.sum(1) + square.sum(0))[:nbins]
 
 
 @torch.no_grad()  # statistics of gradients: nothing to differentiate, and out= ops refuse autograd inputs
@@ -471,8 +482,8 @@ def _coordinate_stats_torch(
     of Surge thm. 3 is :math:`2B\hat\mu^2 < \pi\hat\sigma^2 \Leftrightarrow T < \pi / (2(k-1))` (no
     square root, no division by σ̂), and the histogram bins log2(T) (see :func:`_log_bins`).
 
-    A slice costs ~22 eager ops (see `_moments`, `_bin_index`, `_count_bins`): one pass each over the slice
-    plus a few microseconds of dispatch.
+    A slice costs ~22 eager ops (`_moments`, `_bin_index`, `_count_bins`), each a pass over the slice plus
+    5-15 µs of dispatch; everything else is a fixed few dozen small ops per call.
     """
     device = edges.device
     nbins = edges.numel() + 1
@@ -484,77 +495,130 @@ def _coordinate_stats_torch(
     paired = _paired(device, nbins, bins)
     small = device.type == "cpu" and (nbins + 1) ** 2 <= torch.iinfo(torch.int16).max
     index_dtype = torch.int16 if small else torch.int32
-    # eps >= 1e-11: √v below √tiny ≈ 1.1e-19 is under half an ulp of eps, so clamping v at tiny (which keeps
-    # sqrt on its fast path) leaves √v + eps, and P, bit for bit as they were.
-    clamp_v = eps >= 1e-11
+    scratch = _scratch(min(total, _SLICE), device, index_dtype)
+    flats: dict[int, tuple[torch.Tensor, ...]] = {}
     row_sums: list[torch.Tensor] = []
     counts: list[torch.Tensor] = []
-    hist = torch.zeros(nbins, dtype=torch.int64, device=device)  # counted into on other devices
-    for group in _slices(grad_sums, coord_sq, exp_avg_sq):
-        n = sum(piece[1].numel() for piece in group)
-        rows = _rows(n, device, index_dtype, precond)
-        if len(group) == 1:
-            s, c, v = group[0]
-            if s.dtype != torch.float32:
-                s = rows.t.copy_(s)  # float32 before squaring: S² of a bf16 S rounded in bf16 would lose 8 bits
+    if device.type != "cpu":
+        hist = torch.zeros(nbins, dtype=torch.int64, device=device)
+        one = torch.ones((), dtype=torch.int64, device=device)
+    for members, lo, hi in _plan(tuple(c.numel() for c in coord_sq), _SLICE, _PACK_BELOW):
+        rows = scratch.rows(hi - lo, precond)
+        if len(members) == 1:
+            s, c, v = _lone(rows, flats, members[0], lo, hi, grad_sums, coord_sq, exp_avg_sq)
         else:
-            s = torch.cat([piece[0] for piece in group], out=rows.t)
-            c = torch.cat([piece[1] for piece in group], out=rows.c)
-            v = torch.cat([piece[2] for piece in group], out=rows.p) if precond else None
-            if reset:  # already copied out
-                torch._foreach_zero_([piece[1] for piece in group])
-        row_sums.append(_moments(rows, s, c, v, k, clamp_v, reset and len(group) == 1, consts))
+            s, c, v = _packed(scratch, rows, members, grad_sums, coord_sq, exp_avg_sq, reset)
+        row_sums.append(_moments(rows, s, c, v, k, reset and len(members) == 1, consts))
         idx = _bin_index(rows, bins, consts, edges, alpha)
         if device.type == "cpu":
             counts.append(_count_bins(rows, idx, nbins, paired))
         else:  # bincount sizes its output from the data on CUDA (a host sync); index_add_ does not
-            hist.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int64))
-    if counts:
-        hist = _fold_counts(counts, nbins, paired)
-    return _assemble(row_sums, 6 if precond else 4, hist, total, k, b, precond)
+            hist.index_add_(0, idx, one.expand_as(idx))
+    if device.type != "cpu":
+        counts = [hist]
+    return _assemble(row_sums, counts, paired, device, nbins, total, k, b, precond)
+
+
+def _lone(
+    rows: _Rows,
+    flats: dict[int, tuple[torch.Tensor, ...]],
+    i: int,
+    lo: int,
+    hi: int,
+    grad_sums: list[torch.Tensor],
+    coord_sq: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Elements `lo:hi` of tensor `i`, read in place in memory order (S and v in C's layout); its flat views
+    are made once, in `flats`, for all its slices."""
+    flat = flats.get(i)
+    if flat is None:
+        c = coord_sq[i]
+        others = [grad_sums[i]] + ([] if exp_avg_sq is None else [exp_avg_sq[i]])
+        flat = flats[i] = (_flat(c), *(_flat(flat_like(t, c)) for t in others))
+    c, s, v = flat[0][lo:hi], flat[1][lo:hi], flat[2][lo:hi] if len(flat) == 3 else None
+    if s.dtype != torch.float32:
+        s = rows.t.copy_(s)  # float32 before squaring: S² of a bf16 S rounded in bf16 would lose 8 bits
+    return s, c, v
+
+
+def _packed(
+    scratch: _Scratch,
+    rows: _Rows,
+    members: tuple[int, ...],
+    grad_sums: list[torch.Tensor],
+    coord_sq: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor] | None,
+    reset: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Small tensors copied, one foreach op each, into views of scratch rows shaped like them: in their
+    logical order, which is the same for S, C and v whatever their layouts. C is zeroed after its copy."""
+    cs = [coord_sq[i] for i in members]
+    s_views, c_views, v_views = scratch.packs(tuple(t.shape for t in cs))
+    torch._foreach_copy_(s_views, [grad_sums[i] for i in members])
+    torch._foreach_copy_(c_views, cs)
+    if exp_avg_sq is not None:
+        torch._foreach_copy_(v_views, [exp_avg_sq[i] for i in members])
+    if reset:
+        torch._foreach_zero_(cs)
+    return rows.t, rows.c, None if exp_avg_sq is None else rows.p
 
 
 def _assemble(
-    row_sums: list[torch.Tensor], width: int, hist: torch.Tensor, total: int, k: int, b: float, precond: bool
+    row_sums: list[torch.Tensor],
+    counts: list[torch.Tensor],
+    paired: bool,
+    device: torch.device,
+    nbins: int,
+    total: int,
+    k: int,
+    b: float,
+    precond: bool,
 ) -> torch.Tensor:
-    """The output vector (`SLOTS`, then the histogram) from the slices' float32 row sums."""
-    device = hist.device
-    # Slice sums are float32; adding them in float64 keeps the total at float32 accuracy.
+    """The output vector (`SLOTS`, then the histogram) from the slices' float32 row sums and bincounts.
+
+    The slices' results are added up (row sums in float64: adding float32 slice sums in float64 keeps the
+    total at float32 accuracy), put in one vector, and each output entry is a weighted sum of its entries
+    of that vector (see `_assembly_tables`): a handful of small ops, each costing as much as its dispatch.
+    """
     acc = torch.float32 if device.type == "mps" else torch.float64
-    if row_sums:
-        sums = row_sums[0].to(acc) if len(row_sums) == 1 else torch.stack(row_sums).sum(0, dtype=acc)
-    else:
-        sums = torch.zeros(width, dtype=acc, device=device)
-    source, scale, bias, source2, scale2 = _assembly_tables(device, acc, k, b, total, precond)
-    scalars = torch.addcmul(bias, sums[source], scale)
-    if precond:
-        scalars.addcmul_(sums[source2], scale2)  # precond_small: Σ P²(C − M) joins Σ P²M
-    out = torch.empty(len(SLOTS) + hist.numel(), dtype=torch.float32, device=device)
-    return torch.cat([scalars, hist.to(acc)], out=out)
+    gather, weight, dest, bias = _assembly_tables(device, acc, nbins, paired, total, k, b, precond)
+    if not row_sums:  # no elements
+        return bias.to(torch.float32)
+    sums = row_sums[0] if len(row_sums) == 1 else torch.stack(row_sums).sum(0, dtype=acc)
+    hist = counts[0] if len(counts) == 1 else torch.stack(counts).sum(0)
+    parts = torch.cat([sums, hist], out=torch.empty(0, dtype=acc, device=device))
+    terms = torch.index_select(parts, 0, gather).mul_(weight)
+    return torch.index_add(bias, 0, dest, terms).to(torch.float32)
 
 
 @functools.lru_cache(maxsize=32)
 def _assembly_tables(
-    device: torch.device, acc: torch.dtype, k: int, b: float, total: int, precond: bool
+    device: torch.device, acc: torch.dtype, nbins: int, paired: bool, total: int, k: int, b: float, precond: bool
 ) -> tuple[torch.Tensor, ...]:
-    """Slot i is sums[source[i]] · scale[i] + bias[i] (+ sums[source2[i]] · scale2[i] with precond).
+    """`(gather, weight, dest, bias)`: output entry j is bias[j] + Σ parts[gather[i]] · weight[i] over the i
+    with dest[i] = j, where `parts` is the row sums, then the bincount.
 
-    sums = (outside, Σ M/√D, Σ M, Σ D[, Σ P²M, Σ P²(C − M)]). Constant slots read the outside count, always
-    finite, so that an inf elsewhere cannot make them NaN.
+    Row sums are (outside, Σ M/√D, Σ M, Σ D[, Σ P²C, Σ P²M]); a paired bincount entry a·(nbins + 1) + b
+    counts bin a and bin b (bin nbins is the filler of an odd slice). Each output entry reads only its own
+    terms, so that an inf or NaN in one sum cannot reach the others.
     """
-    source = [2, 3, 1, 0, 4, 4, 0] if precond else [2, 3, 1, 0, 0, 0, 0]
-    scale = [
-        1.0 / k,  # Σ μ̂² = Σ M / k
-        b / (k - 1.0),  # Σ σ̂² = b/(k−1) Σ D
-        1.0 / (k * math.sqrt(b / (k - 1.0))),  # Σ μ̂²/σ̂ = Σ M/√D / (k √(b/(k−1)))
-        0.0,
-        1.0 / k if precond else 0.0,  # Σ P² m2 = Σ P²C / k = (Σ P²M + Σ P²(C − M)) / k
-        1.0 / k if precond else 0.0,  # Σ P² μ̂² = Σ P²M / k
-        -1.0 / max(total, 1),  # frac = 1 − outside / N
-    ]
-    bias = [0.0, 0.0, 0.0, float(total), 0.0, 0.0, 1.0 if total else 0.0]
-    source2 = [0, 0, 0, 0, 5, 0, 0]
-    scale2 = [0.0, 0.0, 0.0, 0.0, 1.0 / k, 0.0, 0.0]
-    index = to_device(torch.tensor([source, source2], dtype=torch.int64), device)
-    table = to_device(torch.tensor([scale, bias, scale2], dtype=acc), device)
-    return index[0], table[0], table[1], index[1], table[2]
+    c3 = 1.0 / (k * math.sqrt(b / (k - 1.0)))
+    # (row, output slot, weight): Σ μ̂² = Σ M / k, Σ σ̂² = b/(k−1) Σ D, Σ μ̂²/σ̂ = c3 Σ M/√D,
+    # Σ P² m2 = Σ P²C / k, Σ P² μ̂² = Σ P²M / k, frac = 1 − outside / N.
+    terms = [(2, 0, 1.0 / k), (3, 1, b / (k - 1.0)), (1, 2, c3), (0, 6, -1.0 / max(total, 1))]
+    if precond:
+        terms += [(4, 4, 1.0 / k), (5, 5, 1.0 / k)]
+    gather, dest, weight = (list(column) for column in zip(*terms, strict=True))
+    first = 6 if precond else 4
+    for entry in range((nbins + 1) ** 2 if paired else nbins):
+        for bin_ in divmod(entry, nbins + 1) if paired else (entry,):
+            if bin_ < nbins:
+                gather.append(first + entry)
+                dest.append(len(SLOTS) + bin_)
+                weight.append(1.0)
+    bias = [0.0] * (len(SLOTS) + nbins)
+    bias[3], bias[6] = float(total), 1.0 if total else 0.0
+    index = to_device(torch.tensor([gather, dest], dtype=torch.int64), device)
+    values = to_device(torch.tensor(weight + bias, dtype=acc), device)
+    return index[0], values[: len(weight)], index[1], values[len(weight) :]
