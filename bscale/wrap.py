@@ -538,6 +538,10 @@ class ScaledOptimizer(Optimizer):
         key = (*slots, -1, device.index or 0) if device.type != "cpu" else tuple(slots)
         t = self._slots_cache.get(key)
         if t is None:
+            if len(self._slots_cache) >= 64:
+                # A model whose gradients arrive in a new order every step (conditional branches) would
+                # otherwise grow this without bound; a usual run needs a handful (one per accumulation count).
+                self._slots_cache.clear()
             t = torch.tensor(slots, dtype=torch.int64, device=device)
             self._slots_cache[key] = t
         return t
