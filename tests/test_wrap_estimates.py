@@ -372,14 +372,13 @@ def test_large_and_small_gradients_give_the_hand_computed_estimate(dtype):
     """Large gradients are normed in their hook, small ones together when each backward ends (float64 ones by
     the general path): every route gives the per-microbatch closed form."""
     torch.manual_seed(5)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 300), torch.nn.Tanh(), torch.nn.Linear(300, 256))
-    model.append(torch.nn.Linear(256, 1))
-    model = model.to(dtype)
+    layers = [torch.nn.Linear(6, 300), torch.nn.Tanh(), torch.nn.Linear(300, 256), torch.nn.Linear(256, 1)]
+    model = torch.nn.Sequential(*layers).to(dtype)
     assert max(p.numel() for p in model.parameters()) >= 1 << 16 > min(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(6)
-    microbatches = [(torch.randn(4, 6, generator=g, dtype=dtype), torch.randn(4, 1, generator=g, dtype=dtype))]
-    microbatches += [(torch.randn(4, 6, generator=g, dtype=dtype), torch.randn(4, 1, generator=g, dtype=dtype))]
-    microbatches += [(torch.randn(4, 6, generator=g, dtype=dtype), torch.randn(4, 1, generator=g, dtype=dtype))]
+    microbatches = [
+        (torch.randn(4, 6, generator=g, dtype=dtype), torch.randn(4, 1, generator=g, dtype=dtype)) for _ in range(3)
+    ]
     expected = _hand_estimates(model, microbatches, [4, 4, 4])
     opt = wrap(torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=4, beta=0.0)
     for x, y in microbatches:
