@@ -1,12 +1,14 @@
 """Step-time overhead of bscale.wrap under 2-rank DDP (gloo, CPU), bare and wrapped interleaved in one run.
 
-Each rank holds two DDP copies of the same model, one stepped by a bare AdamW and one by a wrapped AdamW.
-A repetition times a block of consecutive full steps of each on identical data (k microbatches, ``no_sync()``
-on all but the last, clipping, step, zero_grad), alternating which goes first, with a barrier before each
-block. Timing blocks rather than single steps matters: the wrapper's all-reduce inside ``step()`` waits for
-the slower rank, a wait that a bare loop pays at DDP's all-reduce of the next step instead; within a block
-both variants pay it once per step. The row reports rank 0's median of per-repetition (wrapped / bare)
-ratios of block times, and the per-step medians.
+Each rank holds three DDP copies of the same model: one stepped by a bare AdamW, one by a wrapped AdamW
+(``bscale.wrap``: its statistics in one small all-reduce of their own per step) and one by an AdamW wrapped
+with ``ddp=model`` (the statistics ride DDP's last gradient bucket: no collective of their own). A repetition
+times a block of consecutive full steps of each on identical data (k microbatches, ``no_sync()`` on all but
+the last, clipping, step, zero_grad), in rotating order, with a barrier before each block. Timing blocks
+rather than single steps matters: the wrapper's all-reduce inside ``step()`` waits for the slower rank, a wait
+that a bare loop pays at DDP's all-reduce of the next step instead; within a block every variant pays it once
+per step. Each wrapped variant's row reports rank 0's median of per-repetition (wrapped / bare) ratios of
+block times, and the per-step medians.
 
     python benchmarks/overhead_ddp.py           # prints the markdown rows
     python benchmarks/overhead_ddp.py --quick
@@ -85,48 +87,54 @@ def _worker(rank: int, init_file: str, out: str, workload: str, k: int, reps: in
     name, factory = WORKLOADS[workload]
     torch.manual_seed(0)
     model, batches, loss_fn, micro_size = factory()
-    # Both arms train a deep copy: a copy's tensors sit elsewhere in memory than the factory's and run ~1%
-    # faster here, so neither arm gets the original.
-    bare_model, model = copy.deepcopy(model), copy.deepcopy(model)
-    ddp_bare = nn.parallel.DistributedDataParallel(bare_model)
-    ddp_wrap = nn.parallel.DistributedDataParallel(model)
-    bare = torch.optim.AdamW(bare_model.parameters(), lr=1e-4)
-    wrapped = bscale.wrap(torch.optim.AdamW(model.parameters(), lr=1e-4), microbatch_size=micro_size)
+    # Every arm trains a deep copy: a copy's tensors sit elsewhere in memory than the factory's and run ~1%
+    # faster here, so no arm gets the original.
+    models = [copy.deepcopy(model) for _ in range(3)]
+    ddps = [nn.parallel.DistributedDataParallel(m) for m in models]
+    opts = [
+        torch.optim.AdamW(models[0].parameters(), lr=1e-4),
+        bscale.wrap(torch.optim.AdamW(models[1].parameters(), lr=1e-4), microbatch_size=micro_size),
+        bscale.wrap(torch.optim.AdamW(models[2].parameters(), lr=1e-4), microbatch_size=micro_size, ddp=ddps[2]),
+    ]
+    arms = list(zip(ddps, opts, strict=True))
     gen = torch.Generator().manual_seed(1 + rank)
-    ratios, t_bare, t_wrap = [], [], []
+    times: list[list[float]] = [[], [], []]
     for rep in range(warmup + reps):
         steps = [batches(gen, k) for _ in range(block)]
-        order = [(ddp_bare, bare), (ddp_wrap, wrapped)]
-        if rep % 2:
-            order.reverse()
-        times = {}
-        for m, o in order:
+        spent = [0.0, 0.0, 0.0]
+        for i in range(3):
+            arm = (rep + i) % 3  # rotating order: each arm runs first, second and third equally often
+            m, o = arms[arm]
             dist.barrier()
             t0 = time.perf_counter()
             for micro in steps:
                 _step(m, o, micro, loss_fn, k)
-            times[id(o)] = (time.perf_counter() - t0) / block
+            spent[arm] = (time.perf_counter() - t0) / block
         if rep >= warmup:
-            t_bare.append(times[id(bare)])
-            t_wrap.append(times[id(wrapped)])
-            ratios.append(times[id(wrapped)] / times[id(bare)])
+            for arm in range(3):
+                times[arm].append(spent[arm])
     if rank == 0:
-        q1, _, q3 = statistics.quantiles(ratios, n=4)
         n_params = sum(p.numel() for p in model.parameters())
-        mem = wrapped.memory_bytes()
-        row = {
-            "workload": f"{name}, DDP {WORLD}×gloo",
-            "k": k,
-            "params": n_params,
-            "bare_ms": 1e3 * statistics.median(t_bare),
-            "wrapped_ms": 1e3 * statistics.median(t_wrap),
-            "ratio": (q1, statistics.median(ratios), q3),
-            "persistent_bytes": mem["persistent"],
-            "transient_bytes": mem["transient_peak"],
-            "param_bytes": n_params * 4,
-            "noise_scale": wrapped.stats.get("noise_scale", float("nan")),
-        }
-        torch.save(row, out)
+        rows = []
+        for arm, label in ((1, ""), (2, ", `ddp=model`")):
+            ratios = [w / b for w, b in zip(times[arm], times[0], strict=True)]
+            q1, _, q3 = statistics.quantiles(ratios, n=4)
+            mem = opts[arm].memory_bytes()
+            rows.append(
+                {
+                    "workload": f"{name}, DDP {WORLD}×gloo{label}",
+                    "k": k,
+                    "params": n_params,
+                    "bare_ms": 1e3 * statistics.median(times[0]),
+                    "wrapped_ms": 1e3 * statistics.median(times[arm]),
+                    "ratio": (q1, statistics.median(ratios), q3),
+                    "persistent_bytes": mem["persistent"],
+                    "transient_bytes": mem["transient_peak"],
+                    "param_bytes": n_params * 4,
+                    "noise_scale": opts[arm].stats.get("noise_scale", float("nan")),
+                }
+            )
+        torch.save(rows, out)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -134,14 +142,15 @@ def _worker(rank: int, init_file: str, out: str, workload: str, k: int, reps: in
 def run(
     reps: int = 60, k: int = 4, warmup: int = 3, workloads: tuple[str, ...] = ("mlp",), block: int = 5
 ) -> list[dict[str, Any]]:
-    """Spawn a 2-rank gloo job per workload; one row per workload, keyed like overhead.py's table rows."""
+    """Spawn a 2-rank gloo job per workload; two rows per workload (wrapped, and wrapped with ``ddp=``), keyed
+    like overhead.py's table rows."""
     rows = []
     for workload in workloads:
         with tempfile.TemporaryDirectory() as d:
             out = str(Path(d) / "row.pt")
             args = (str(Path(d) / "init"), out, workload, k, reps, warmup, block)
             mp.spawn(_worker, args=args, nprocs=WORLD)
-            rows.append(torch.load(out, weights_only=False))
+            rows.extend(torch.load(out, weights_only=False))
     return rows
 
 

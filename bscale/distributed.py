@@ -28,13 +28,20 @@ scale. The GradScaler's loss scale and overflow flag are not reduced: they are t
 whenever the ranks step alike (an averaged gradient overflows on every rank or on none, and a sharded
 scaler reduces its own flag).
 
-No DDP communication hook is installed, so a user's own hook (fp16 or bf16 compression, PowerSGD) keeps
-working; the readings then describe the gradient that hook delivers.
+Under DDP the statistics can instead ride with DDP's own gradient all-reduce (``bscale.wrap(..., ddp=model)``):
+a communication hook (:meth:`DataParallel.ride_ddp`) does what DDP's default hook does — divide each bucket by
+``W`` and all-reduce it — and appends the rank's microbatch sums and counts to the step's last bucket, so no
+collective of its own is sent. The synchronised gradient's squared norms need no reduction there (every rank
+holds the same ``.grad``). DDP takes one communication hook per model, so this does not compose with a user's
+own hook (fp16 or bf16 compression, PowerSGD): that hook owns the bucket's wire format, in which float32 sums
+cannot travel exactly. Without ``ddp=`` no hook is installed, a user's hook keeps working, and the readings
+describe the gradient that hook delivers.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -157,11 +164,53 @@ class _FSDPGradHook:
 
 
 class PendingReduce(NamedTuple):
-    """A step's all-reduce in flight: the float64 buffer, the collective's work handle, the statistics' length."""
+    """A step's all-reduce in flight: the float64 buffer, the collective's work handle (None once complete),
+    the statistics' length."""
 
     buf: torch.Tensor
     work: Any
     n: int
+
+
+# Bucket dtypes whose all-reduce can carry the statistics (float32 sums, small integer counts) unchanged.
+_RIDE_DTYPES = (torch.float32, torch.float64)
+
+
+class _RideState(NamedTuple):
+    """The state of the DDP communication hook installed by :meth:`DataParallel.ride_ddp`."""
+
+    group: Any
+    world_size: int
+    payload: weakref.WeakMethod  # (device) -> this rank's statistics for the step's last bucket
+    arrived: weakref.WeakMethod  # (reduced statistics) -> None
+
+
+def _ride_hook(state, bucket):  # type: ignore[no-untyped-def]
+    """DDP communication hook: DDP's default all-reduce (divide by ``W``, sum) of every bucket; the step's last
+    bucket carries this rank's statistics appended to its gradients. (Unannotated: DDP checks the annotations
+    of a hook's arguments, and this module's are postponed to strings.)"""
+    buf = bucket.buffer()
+    payload = state.payload()
+    extra = None
+    if payload is not None and bucket.is_last() and buf.dtype in _RIDE_DTYPES:
+        extra = payload(buf.device)
+    if extra is None:
+        fut = dist.all_reduce(buf.div_(state.world_size), group=state.group, async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+    nb = buf.numel()
+    flat = torch.empty(nb + extra.numel(), dtype=buf.dtype, device=buf.device)
+    torch.div(buf, state.world_size, out=flat[:nb])
+    flat[nb:].copy_(extra)
+    fut = dist.all_reduce(flat, group=state.group, async_op=True).get_future()
+
+    def unpack(f: torch.futures.Future) -> torch.Tensor:
+        out = f.value()[0]
+        arrived = state.arrived()
+        if arrived is not None:
+            arrived(out[nb:].clone())  # a copy: a view would keep the whole bucket alive until step()
+        return out[:nb]
+
+    return fut.then(unpack)
 
 
 class DataParallel:
@@ -305,6 +354,62 @@ class DataParallel:
             self._weight_cache[key] = w
         return w
 
+    def ride_ddp(
+        self,
+        model: torch.nn.Module,
+        payload: Callable[[torch.device], torch.Tensor],
+        arrived: Callable[[torch.Tensor], None],
+    ) -> None:
+        """Install the communication hook that sends the step's statistics with DDP's last gradient bucket.
+
+        ``payload(device)`` is called (inside backward) when the last bucket of a synchronising backward is
+        ready and returns this rank's statistics vector; ``arrived(reduced)`` receives their sums over ranks.
+        Both are held weakly. A bucket of another dtype than float32/float64 carries nothing (``payload`` is
+        not called) and the statistics then need a collective of their own.
+
+        Raises:
+            ValueError: ``model`` is not a ``DistributedDataParallel``, was built over another process group,
+                or already has a communication hook.
+        """
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not isinstance(model, DistributedDataParallel):
+            raise ValueError(
+                f"ddp= takes the DistributedDataParallel model, got {type(model).__name__}; pass the DDP wrapper "
+                "itself (FSDP2 models need nothing: pass no ddp=)"
+            )
+        ours = dist.get_process_group_ranks(self.group or dist.group.WORLD)
+        theirs = dist.get_process_group_ranks(model.process_group)
+        if sorted(ours) != sorted(theirs):
+            raise ValueError(
+                f"the DDP model averages over ranks {sorted(theirs)} but bscale reduces over {sorted(ours)}; pass "
+                "the DDP model's process group as process_group="
+            )
+        if self.world_size == 1:
+            return  # nothing crosses ranks: DDP's own all-reduce stays as it is
+        state = _RideState(self.group, self.world_size, weakref.WeakMethod(payload), weakref.WeakMethod(arrived))
+        try:
+            model.register_comm_hook(state, _ride_hook)
+        except RuntimeError as e:
+            raise ValueError(
+                "this DDP model already has a communication hook (DDP takes one per model), so bscale cannot "
+                "send its statistics with the gradients; drop ddp= and bscale sends them in one small "
+                f"all-reduce of its own, beside your hook ({e})"
+            ) from None
+
+    def rode(self, reduced: torch.Tensor, big: torch.Tensor) -> PendingReduce:
+        """A completed :class:`PendingReduce` from :meth:`ride_ddp`'s reduced ``[small..., k, k², Σ1/b, Σb]`` and
+        this rank's squared norms of the synchronised (replicated, hence already global) gradient."""
+        p = big.numel()
+        self._device = big.device
+        buf = torch.empty(reduced.numel() + p, dtype=torch.float64, device=big.device)
+        buf[:p].copy_(reduced[:p])
+        buf[p : 2 * p].copy_(big)
+        buf[2 * p :].copy_(reduced[p:])
+        if self.debug:
+            self._local_check = big.double().sum()
+        return PendingReduce(buf, None, 2 * p)
+
     # ---- once per step -------------------------------------------------------------------------------------
 
     def start_reduce(
@@ -359,7 +464,8 @@ class DataParallel:
             RuntimeError: ranks ran different numbers of microbatches (DDP's average over ranks would then
                 weigh microbatches unequally).
         """
-        pending.work.wait()
+        if pending.work is not None:
+            pending.work.wait()
         n, buf = pending.n, pending.buf
         if extra is not None:
             buf = torch.cat([buf, extra.to(device=buf.device, dtype=torch.float64).reshape(-1)])

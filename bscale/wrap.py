@@ -127,6 +127,9 @@ class ScaledOptimizer(Optimizer):
         controller: a :class:`bscale.BatchSizeController` deciding the next batch size from the readings.
         loggers: objects with ``log(stats, step)``; called every ``log_every`` steps (default: 10).
         process_group: the data-parallel group under ``torch.distributed`` (default: the world, when initialised).
+        ddp: the ``DistributedDataParallel`` model, to send the step's statistics with DDP's own gradient
+            all-reduce (a communication hook appends them to its last bucket) instead of in one more collective.
+            Not with a communication hook of your own (DDP takes one per model). Default: None.
         debug: under ``torch.distributed``, check after every step that all ranks hold identical readings
             and that the step's gradient was synchronised; ``RuntimeError`` names what differs
             (default: False; one more all-reduce of a few scalars per step).
@@ -134,8 +137,9 @@ class ScaledOptimizer(Optimizer):
         backend: kernel backend, ``None`` to choose from the device (default), ``"torch"`` or ``"triton"``.
 
     Under ``torch.distributed``, one all-reduce of a few scalars per step runs over ``process_group``, launched
-    at the end of the step's last backward and awaited in ``step()``; every rank then holds identical readings
-    and applies the identical learning-rate scale.
+    at the end of the step's last backward and awaited in ``step()`` (with ``ddp=``, none: they travel in DDP's
+    gradient all-reduce); every rank then holds identical readings and applies the identical learning-rate
+    scale.
     """
 
     def __init__(
@@ -157,6 +161,7 @@ class ScaledOptimizer(Optimizer):
         loggers: Sequence[Any] = (),
         log_every: int = 10,
         process_group: Any = None,
+        ddp: Any = None,
         debug: bool = False,
         bucket_mb: float = 32.0,
         backend: str | None = None,
@@ -271,6 +276,9 @@ class ScaledOptimizer(Optimizer):
         self._in_backward = False
         self._reduce: PendingReduce | None = None  # the step's all-reduce in flight (torch.distributed)
         self._reduce_k = 0  # ... and the local microbatch count it carries
+        self._ride_out: torch.Tensor | None = None  # ddp=: the statistics reduced with DDP's last bucket
+        self._ride_k = -1  # ... and the local microbatch count they carry
+        self._rides = False  # ddp=: DDP's last bucket has carried the statistics (so it need not be sent early)
         for group in optimizer.param_groups:
             self._register(group["params"])
 
@@ -288,6 +296,8 @@ class ScaledOptimizer(Optimizer):
         self._big: torch.Tensor | None = None  # its second half: |.grad|² per parameter tensor
         self._coord_sq: dict[int, torch.Tensor] = {}  # per-coordinate mode: Σ_j g_j² per parameter
         self._reset_step_stats()
+        if ddp is not None:
+            self._dp.ride_ddp(ddp, self._ride_payload, self._ride_arrived)
 
     # ---- the torch.optim contract ---------------------------------------------------------------------------------
 
@@ -553,7 +563,8 @@ class ScaledOptimizer(Optimizer):
             self._coord_sq[slot] = buf
         return buf
 
-    def _end_backward(self) -> None:
+    def _norm_held(self) -> None:
+        """Norm the held small gradients (one op) and flush the pending ones."""
         if self._held:
             if self.per_coordinate:  # float32 buffers: g*g is promoted before rounding
                 bufs = [self._coord_buffer(s, g) for s, g in zip(self._held_slots, self._held, strict=True)]
@@ -563,14 +574,24 @@ class ScaledOptimizer(Optimizer):
             self._held.clear()
             self._held_slots.clear()
         self._flush()
+
+    def _end_backward(self) -> None:
+        rode = self._ride_k == len(self._sizes) + 1  # DDP's last bucket carried this backward's statistics
+        if rode and (self._held or self._pending or self._step_norms):
+            # Gradients of parameters outside the DDP model arrived after its last bucket: the statistics it
+            # carried miss them, so this step's collective is sent by step() instead (alike on every rank).
+            self._ride_k, self._ride_out = -1, None
+            rode = False
+        self._norm_held()
         self._in_backward = False
         self._sizes.append(float(self.microbatch_size))
         # Only the step's last backward leaves the .grad that matters, so |.grad|² is read once per step: at the
-        # backward that completes the expected accumulation count (last step's, or the controller's). Queued from
-        # inside a callback, the read runs after every callback already queued (DDP's gradient synchronisation
-        # among them), so it sees the averaged .grad, still unclipped and unscaled.
+        # backward that completes the expected accumulation count (last step's, or the controller's), or the one
+        # DDP synchronised (ddp=). Queued from inside a callback, the read runs after every callback already
+        # queued (DDP's gradient synchronisation among them), so it sees the averaged .grad, still unclipped
+        # and unscaled.
         engine = torch.autograd.Variable._execution_engine
-        if self._expected_k is None or len(self._sizes) >= self._expected_k:
+        if rode or self._expected_k is None or len(self._sizes) >= self._expected_k:
             engine.queue_callback(self._read_accumulated)
         else:
             self._have_big = False
@@ -614,12 +635,45 @@ class ScaledOptimizer(Optimizer):
             accumulate_sq_norms_trusted(grads, self._big, self._slots_tensor(present, device), None, backend)
         self._have_big = True
         self._local_microbatches = self._dp.local_microbatches(len(self._sizes))
-        if self._dp.world_size > 1 and self._reduce is None and len(self._sizes) == self._expected_k:
-            # The expected last backward: the ranks have just synchronised their gradients, so launch the
-            # step's one all-reduce now and let it run while they clip and step. (Without an expected count,
-            # e.g. on the first step, it is launched in step(): one collective per step on every rank, so ranks
-            # that ran fewer microbatches than the others are still told apart, not left waiting.)
-            self._start_reduce()
+        if self._dp.world_size > 1 and self._reduce is None:
+            if self._ride_out is not None and self._ride_k == len(self._sizes):
+                # ddp=: the statistics came back with DDP's last bucket; the synchronised gradient's norms are
+                # the same on every rank and need no reduction.
+                self._reduce = self._dp.rode(self._ride_out, self._big)
+                self._reduce_k = self._ride_k
+            elif len(self._sizes) == self._expected_k and not self._rides:
+                # The expected last backward: the ranks have just synchronised their gradients, so launch the
+                # step's one all-reduce now and let it run while they clip and step. (Without an expected count,
+                # e.g. on the first step, it is launched in step(): one collective per step on every rank, so
+                # ranks that ran fewer microbatches than the others are still told apart, not left waiting.)
+                self._start_reduce()
+
+    def _ride_payload(self, device: torch.device) -> torch.Tensor:
+        """ddp=: called by the DDP hook when the last gradient bucket of a synchronising backward is ready (every
+        parameter's gradient of this backward has passed its hook): this rank's ``[small..., k, k², Σ1/b, Σb]``
+        including the backward in progress, the same length on every rank."""
+        self._drop_reduce()  # a collective sent for fewer microbatches (every rank sent it): complete it
+        sizes = list(self._sizes)
+        if self._in_backward:
+            self._norm_held()
+            sizes.append(float(self.microbatch_size))
+        self._add_norms()
+        self._ensure_sums(device)
+        P = len(self._params)
+        k = len(sizes)
+        payload = torch.empty(P + 4, dtype=torch.float32, device=device)
+        payload[:P].copy_(self._small)
+        # Scalar fills, not a host-to-device copy. Counts are exact in float32; Σ1/b to 1e-7 relative.
+        payload[P] = float(k)
+        payload[P + 1] = float(k * k)
+        payload[P + 2] = math.fsum(1.0 / s for s in sizes)
+        payload[P + 3] = math.fsum(sizes)
+        self._ride_k, self._ride_out = k, None
+        self._rides = True
+        return payload
+
+    def _ride_arrived(self, reduced: torch.Tensor) -> None:
+        self._ride_out = reduced
 
     def _start_reduce(self) -> None:
         self._reduce_k = len(self._sizes)
@@ -633,7 +687,8 @@ class ScaledOptimizer(Optimizer):
 
     def _drop_reduce(self) -> None:
         if self._reduce is not None:
-            self._reduce.work.wait()  # every rank launched it: complete it, then forget it
+            if self._reduce.work is not None:
+                self._reduce.work.wait()  # every rank launched it: complete it, then forget it
             self._reduce = None
 
     def _pack_local(self) -> torch.Tensor:
@@ -646,6 +701,7 @@ class ScaledOptimizer(Optimizer):
 
     def _reset_step_stats(self) -> None:
         self._drop_reduce()
+        self._ride_out, self._ride_k = None, -1
         self._pending: list[torch.Tensor] = []
         self._pending_slots: list[int] = []
         # Cleared, never replaced: the torch-backend hooks hold these lists' append methods.

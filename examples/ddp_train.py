@@ -122,11 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         inner = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     else:
         inner = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
     opt = bscale.wrap(
         inner,
         microbatch_size=args.micro_batch,
         rule=None if args.rule == "none" else args.rule,
         named_parameters=model.named_parameters(),
+        ddp=ddp,  # the statistics travel with DDP's gradient all-reduce: no collective of their own
         debug=args.debug,
     )
 
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     start = 0
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"])  # in place: the DDP wrapper holds these same parameters
         opt.load_state_dict(state["optimizer"])  # includes bscale's estimator and counters
         start = state["step"]
         if rank == 0:
@@ -143,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         print(f"{world} ranks × {args.accum} microbatches of {args.micro_batch} examples per step", flush=True)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    # DDP after loading: it broadcasts rank 0's parameters, identical here anyway.
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
 
     marker = ckpt_dir / "failed_once"
     for step in range(start, args.steps):

@@ -224,6 +224,69 @@ def ddp_fp16_hook(c: Ctx) -> dict[str, Any]:
     return {"ddp_fp16_hook": run, "fp16_hook_calls": len(calls)}
 
 
+def _recording_all_reduce(seen: list[int]) -> Callable[..., Any]:
+    real_all_reduce = dist.all_reduce
+
+    def recording(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    return recording
+
+
+def ddp_ride(c: Ctx) -> dict[str, Any]:
+    """ddp=: the statistics ride DDP's last gradient bucket, with no_sync() on all but the last microbatch,
+    synchronising every microbatch, and with a changing accumulation count. Records the size of every
+    all-reduce sent from Python (the hook's, and bscale's own if it sent any)."""
+    out: dict[str, Any] = {}
+    runs = (
+        ("ride_no_sync", c.accum, range(STEPS), True),
+        ("ride_sync", c.accum, range(STEPS), False),
+        ("ride_varying", VARYING, range(len(VARYING)), True),
+    )
+    for name, accum, steps, no_sync in runs:
+        model = make_model()
+        ddp = _ddp(model)
+        opt = make_opt(ddp, named=model, ddp=ddp)
+        seen: list[int] = []
+        real_all_reduce = dist.all_reduce
+        dist.all_reduce = _recording_all_reduce(seen)
+        try:
+            out[name] = train(ddp, opt, c.rank, accum, steps, c.no_sync_but_last(ddp) if no_sync else _always_sync)
+        finally:
+            dist.all_reduce = real_all_reduce
+        out[name + "_collectives"] = seen
+    out["ride_sizes"] = (sum(p.numel() for p in make_model().parameters()), len(list(make_model().parameters())))
+    # The same with debug=True: its check is the only collective bscale adds.
+    model = make_model()
+    ddp = _ddp(model)
+    opt = make_opt(ddp, named=model, ddp=ddp, debug=True)
+    out["ride_debug"] = train(ddp, opt, c.rank, c.accum, range(STEPS), c.no_sync_but_last(ddp))
+    return out
+
+
+def ddp_ride_errors(c: Ctx) -> dict[str, Any]:
+    """ddp= refuses what it cannot ride: a plain module, a model with its own comm hook, another group."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    def value_error(fn: Callable[[], Any]) -> str:
+        try:
+            fn()
+        except ValueError as e:
+            return str(e)
+        return ""
+
+    model = make_model()
+    out = {"err_plain": value_error(lambda: make_opt(model, ddp=model))}
+    ddp = _ddp(make_model())
+    ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    out["err_hooked"] = value_error(lambda: make_opt(ddp, ddp=ddp))
+    own = [dist.new_group([r]) for r in range(c.world)][c.rank]
+    ddp = _ddp(make_model())
+    out["err_group"] = value_error(lambda: make_opt(ddp, ddp=ddp, process_group=own))
+    return out
+
+
 def fsdp(c: Ctx) -> dict[str, Any]:
     """FSDP2, with and without set_requires_gradient_sync(False) on the first microbatches."""
     from torch.distributed.fsdp import fully_shard
@@ -339,6 +402,8 @@ SCENARIOS = (
     ddp_sync,
     ddp_varying_accum,
     ddp_fp16_hook,
+    ddp_ride,
+    ddp_ride_errors,
     fsdp,
     hsdp,
     fsdp_divide_factor,

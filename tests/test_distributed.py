@@ -152,6 +152,41 @@ def test_user_comm_hook_composes(job, ref):
     assert_readings(result(job, 0, "ddp_fp16_hook"), ref, rtol=1e-2, what="fp16 hook")
 
 
+@pytest.mark.parametrize("run", ["ride_no_sync", "ride_sync", "ride_debug"])
+def test_ride_matches_one_process(job, ref, run):
+    """ddp=: the statistics sent with DDP's last gradient bucket give one process's readings, identical on
+    every rank."""
+    for rank in range(WORLD):
+        assert_readings(result(job, rank, run), ref, what=f"{run} rank {rank}")
+        assert_readings(result(job, rank, run), result(job, 0, run), rtol=0.0, what=f"{run} rank {rank} vs 0")
+
+
+def test_ride_changing_accumulation_count(job):
+    want = W.reference(range(WORLD), W.VARYING, steps=len(W.VARYING))
+    for rank in range(WORLD):
+        assert_readings(result(job, rank, "ride_varying"), want, what=f"rank {rank}")
+
+
+def test_ride_sends_no_collective_of_its_own(job):
+    """With ddp=, the only all-reduces are DDP's buckets (one here: the model is tiny), the last one longer by
+    the statistics: one sum per parameter tensor and four counts."""
+    n_params, n_tensors = result(job, 0, "ride_sizes")
+    carried = n_params + n_tensors + 4
+    for rank in range(WORLD):
+        assert result(job, rank, "ride_no_sync_collectives") == [carried] * W.STEPS
+        assert result(job, rank, "ride_sync_collectives") == [carried] * (W.STEPS * ACCUM)
+        # Varying counts: one synchronising backward per step, except that no collective of bscale's own is
+        # ever needed (the step's last backward always carries the whole step).
+        assert result(job, rank, "ride_varying_collectives") == [carried] * len(W.VARYING)
+
+
+def test_ride_refuses_what_it_cannot_ride(job):
+    for rank in range(WORLD):
+        assert "DistributedDataParallel" in result(job, rank, "err_plain")
+        assert "already has a communication hook" in result(job, rank, "err_hooked")
+        assert "process_group=" in result(job, rank, "err_group")
+
+
 def test_process_group(job):
     """A rank alone in its group is one process; a 2-rank group carries every collective bscale issues."""
     pair_ref = W.reference(range(WORLD), ACCUM, steps=2)
