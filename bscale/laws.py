@@ -266,6 +266,43 @@ def lr_scale(
     return _out(limit * bend)
 
 
+# ---- the same laws for one step's Python floats, already validated (the wrapper calls these every step: numpy's
+# conversions and checks would cost more than the arithmetic). Same operations in the same order as above, so the
+# results are bit-identical to the public functions'.
+
+
+def _gain_float(b: float, noise: float, optimizer: str) -> float:
+    if optimizer == "sgd":
+        return 1.0 / (1.0 + noise / b)
+    if optimizer != "adam" and _optimizer(optimizer) == "sgd":  # another spelling, or a ValueError
+        return _gain_float(b, noise, "sgd")
+    root = math.sqrt(b / noise)
+    return 2.0 / (root + 1.0 / root)
+
+
+def _lr_scale_float(batch: float, ref_batch: float, noise: float | None, rule: str, optimizer: str) -> float:
+    """:func:`lr_scale` for positive floats (``noise`` > 0, ``inf`` or ``None``)."""
+    kappa = batch / ref_batch
+    if rule != "noise":
+        if rule == "linear":
+            return kappa
+        if rule == "sqrt":
+            return math.sqrt(kappa)
+        if rule != _rule(rule):  # another spelling ("Sqrt"), or a ValueError naming the choices
+            return _lr_scale_float(batch, ref_batch, noise, _rule(rule), optimizer)
+    if optimizer != "sgd" and optimizer != "adam":
+        optimizer = _optimizer(optimizer)
+    limit = kappa if optimizer == "sgd" else math.sqrt(kappa)
+    if noise is None or math.isinf(noise):
+        return limit
+    return limit * ((noise + ref_batch) / (noise + batch))
+
+
+def _lr_max_float(ref_lr: float, ref_batch: float, noise: float, optimizer: str) -> float:
+    """:func:`lr_max_from_reference` for positive finite floats and a valid optimizer."""
+    return ref_lr / _gain_float(ref_batch, noise, optimizer)
+
+
 @dataclass(frozen=True)
 class AdamHyperparams:
     """Adam hyperparameters after a square-root-rule rescaling (see :func:`sqrt_rule`).

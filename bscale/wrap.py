@@ -949,7 +949,7 @@ class ScaledOptimizer(Optimizer):
         if ns is not None and ns <= 0.0:
             # tr(Σ) clamped at 0 (no measurable noise): take the law's B_noise → 0 limit instead of dividing by it.
             ns = 1e-30
-        return laws.lr_scale(batch, self.ref_batch, ns, rule=self.rule, optimizer=self.law)
+        return laws._lr_scale_float(batch, self.ref_batch, ns, self.rule, self.law)
 
     def _apply_scaling(self, scale: float, batch: float) -> list[dict[str, Any]]:
         saved = []
@@ -1004,12 +1004,11 @@ class ScaledOptimizer(Optimizer):
             self.ref_batch = batch
         ref_batch = self.ref_batch if self.ref_batch is not None else batch
         if B_noise and math.isfinite(batch) and B_noise > 0:
-            opt = ref_lr * laws.lr_scale(batch, ref_batch, B_noise, rule="noise", optimizer=self.law)
-            peak = laws.peak_batch(B_noise, optimizer=self.law)
+            # The laws' float forms (bit-identical to laws.lr_scale & co., without numpy's per-call checks).
+            opt = ref_lr * laws._lr_scale_float(batch, ref_batch, B_noise, "noise", self.law)
+            peak = B_noise if self.law == "adam" else math.inf  # laws.peak_batch
             # lr = 0 is a legal setting (observing only, a warmup from 0) but no reference for lr_max.
-            lr_max = (
-                laws.lr_max_from_reference(ref_lr, ref_batch, B_noise, optimizer=self.law) if ref_lr > 0 else math.nan
-            )
+            lr_max = laws._lr_max_float(ref_lr, ref_batch, B_noise, self.law) if ref_lr > 0 else math.nan
         else:
             opt, peak, lr_max = math.nan, math.nan, math.nan
         raw = self.estimator.raw

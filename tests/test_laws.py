@@ -599,3 +599,33 @@ BAD_INPUTS = [
 def test_bad_inputs(fn, args, kwargs, message):
     with pytest.raises(ValueError, match=message):
         fn(*args, **kwargs)
+
+
+_pos = st.floats(min_value=1e-6, max_value=1e9, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(b=_pos, ref=_pos, noise=st.one_of(_pos, st.just(math.inf), st.none()), lr=_pos)
+def test_float_forms_are_bit_identical_to_the_public_laws(b, ref, noise, lr):
+    """The wrapper's per-step float forms give exactly the public, validated functions' values."""
+    from bscale import laws
+
+    for opt in ("adam", "sgd"):
+        for rule in ("noise", "linear", "sqrt"):
+            want = lr_scale(b, ref, noise, rule=rule, optimizer=opt)
+            assert laws._lr_scale_float(b, ref, noise, rule, opt) == want
+        if noise is not None and math.isfinite(noise):
+            assert laws._lr_max_float(lr, ref, noise, opt) == lr_max_from_reference(lr, ref, noise, optimizer=opt)
+
+
+def test_float_forms_take_the_public_spellings():
+    from bscale import laws
+
+    assert laws._lr_scale_float(2.0, 1.0, 3.0, "Sqrt", "ADAM") == lr_scale(2.0, 1.0, 3.0, rule="sqrt")
+    assert laws._lr_max_float(1.0, 2.0, 3.0, "SGD") == lr_max_from_reference(1.0, 2.0, 3.0, optimizer="sgd")
+    with pytest.raises(ValueError, match="rule must be one of"):
+        laws._lr_scale_float(2.0, 1.0, 3.0, "cubic", "adam")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        laws._lr_scale_float(2.0, 1.0, 3.0, "noise", "lamb")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        laws._lr_max_float(1.0, 2.0, 3.0, "lamb")
