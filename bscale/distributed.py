@@ -31,8 +31,8 @@ scaler reduces its own flag).
 Under DDP the statistics can instead ride with DDP's own gradient all-reduce (``bscale.wrap(..., ddp=model)``):
 a communication hook (:meth:`DataParallel.ride_ddp`) does what DDP's default hook does — divide each bucket by
 ``W`` and all-reduce it — and appends the rank's microbatch sums and counts to the step's last bucket, so no
-collective of its own is sent. The synchronised gradient's squared norms need no reduction there (every rank
-holds the same ``.grad``). DDP takes one communication hook per model, so this does not compose with a user's
+collective of its own is sent. The synchronised gradient's squared norms need no reduction there: only
+parameters that DDP synchronises in its buckets are accepted, so every rank holds the same ``.grad``. DDP takes one communication hook per model, so this does not compose with a user's
 own hook (fp16 or bf16 compression, PowerSGD): that hook owns the bucket's wire format, in which float32 sums
 cannot travel exactly. Without ``ddp=`` no hook is installed, a user's hook keeps working, and the readings
 describe the gradient that hook delivers.
@@ -174,15 +174,33 @@ class PendingReduce(NamedTuple):
 
 # Bucket dtypes whose all-reduce can carry the statistics (float32 sums, small integer counts) unchanged.
 _RIDE_DTYPES = (torch.float32, torch.float64)
+_SPLIT = 4096.0  # Σb rides as ⌊Σb/2^12⌋ and Σb mod 2^12: both sums stay exact in float32 up to 2^36 examples
 
 
-class _RideState(NamedTuple):
-    """The state of the DDP communication hook installed by :meth:`DataParallel.ride_ddp`."""
+def split_examples(examples: float) -> tuple[float, float]:
+    """``(hi, lo)`` with ``examples = hi·2^12 + lo``: integers below 2^24 each for whole batches under 2^36
+    examples, so their sums over ranks (up to 4096 of them) are exact even in a float32 bucket."""
+    hi = math.floor(examples / _SPLIT)
+    return float(hi), examples - hi * _SPLIT
 
-    group: Any
-    world_size: int
-    payload: weakref.WeakMethod  # (device) -> this rank's statistics for the step's last bucket
-    arrived: weakref.WeakMethod  # (reduced statistics) -> None
+
+class _RideState:
+    """The state of bscale's DDP communication hook: DDP's process group and the wrapper it serves, held weakly
+    (a later ``wrap(..., ddp=model)`` takes the hook over: DDP keeps one hook per model for its lifetime)."""
+
+    def __init__(self, group: Any, world_size: int) -> None:
+        self.group = group
+        self.world_size = world_size
+        self.owner: weakref.ref | None = None  # the ScaledOptimizer: _ride_payload(device), _ride_arrived(t)
+        # The statistics' length last sent: once the wrapper is gone, zeros of that length keep every rank's last
+        # bucket the same size (a rank whose wrapper lives on then reports unequal microbatch counts, no hang).
+        self.length = 0
+
+    def serve(self, owner: Any) -> None:
+        self.owner = weakref.ref(owner)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _RideState:
+        return _RideState(self.group, self.world_size)  # a copied model's hook serves no wrapper
 
 
 def _ride_hook(state, bucket):  # type: ignore[no-untyped-def]
@@ -190,10 +208,14 @@ def _ride_hook(state, bucket):  # type: ignore[no-untyped-def]
     bucket carries this rank's statistics appended to its gradients. (Unannotated: DDP checks the annotations
     of a hook's arguments, and this module's are postponed to strings.)"""
     buf = bucket.buffer()
-    payload = state.payload()
-    extra = None
-    if payload is not None and bucket.is_last() and buf.dtype in _RIDE_DTYPES:
-        extra = payload(buf.device)
+    extra, owner = None, None
+    if bucket.is_last() and buf.dtype in _RIDE_DTYPES:
+        owner = state.owner() if state.owner is not None else None
+        if owner is not None:
+            extra = owner._ride_payload(buf.device)
+            state.length = extra.numel()
+        elif state.length:
+            extra = torch.zeros(state.length, dtype=buf.dtype, device=buf.device)
     if extra is None:
         fut = dist.all_reduce(buf.div_(state.world_size), group=state.group, async_op=True).get_future()
         return fut.then(lambda f: f.value()[0])
@@ -205,9 +227,8 @@ def _ride_hook(state, bucket):  # type: ignore[no-untyped-def]
 
     def unpack(f: torch.futures.Future) -> torch.Tensor:
         out = f.value()[0]
-        arrived = state.arrived()
-        if arrived is not None:
-            arrived(out[nb:].clone())  # a copy: a view would keep the whole bucket alive until step()
+        if owner is not None:
+            owner._ride_arrived(out[nb:].clone())  # a copy: a view would keep the whole bucket alive until step()
         return out[:nb]
 
     return fut.then(unpack)
@@ -254,6 +275,7 @@ class DataParallel:
         self._group_ranks: set[int] | None = None
         self._local_check: torch.Tensor | None = None
         self._device: torch.device | None = None
+        self._ddp_params: set[int] | None = None  # ddp=: ids of the parameters DDP synchronises in buckets
 
     # ---- observing gradients -------------------------------------------------------------------------------
 
@@ -266,6 +288,7 @@ class DataParallel:
         """Call ``fn(grad)`` with each backward's local contribution to ``p``'s gradient, before accumulation
         and before any cross-rank reduction. Returns a handle with ``remove()``."""
         if not _is_dtensor(p):
+            self._check_ddp_param(p)  # a parameter added later (add_param_group) must be DDP's too
             self._weights[id(p)] = 1.0 / self.world_size  # every rank holds the same synchronised .grad
             return p.register_hook(fn)
         if self._fsdp_map is None or id(p) not in self._fsdp_map:
@@ -354,22 +377,19 @@ class DataParallel:
             self._weight_cache[key] = w
         return w
 
-    def ride_ddp(
-        self,
-        model: torch.nn.Module,
-        payload: Callable[[torch.device], torch.Tensor],
-        arrived: Callable[[torch.Tensor], None],
-    ) -> None:
+    def ride_ddp(self, model: torch.nn.Module, owner: Any, params: Sequence[torch.Tensor]) -> None:
         """Install the communication hook that sends the step's statistics with DDP's last gradient bucket.
 
-        ``payload(device)`` is called (inside backward) when the last bucket of a synchronising backward is
-        ready and returns this rank's statistics vector; ``arrived(reduced)`` receives their sums over ranks.
-        Both are held weakly. A bucket of another dtype than float32/float64 carries nothing (``payload`` is
-        not called) and the statistics then need a collective of their own.
+        ``owner`` (held weakly) provides ``_ride_payload(device)``, called inside backward when the last bucket
+        of a synchronising backward is ready, returning this rank's statistics vector, and
+        ``_ride_arrived(reduced)``, which receives their sums over ranks. A bucket of another dtype than
+        float32/float64 carries nothing and the statistics then need a collective of their own. If the model
+        already has bscale's hook (an earlier wrapper), the hook is handed to ``owner``.
 
         Raises:
-            ValueError: ``model`` is not a ``DistributedDataParallel``, was built over another process group,
-                or already has a communication hook.
+            ValueError: ``model`` is not a ``DistributedDataParallel``, runs compiled autograd's Python reducer,
+                was built over another process group, does not synchronise every parameter in ``params``, or
+                already has a communication hook of its own.
         """
         from torch.nn.parallel import DistributedDataParallel
 
@@ -378,34 +398,68 @@ class DataParallel:
                 f"ddp= takes the DistributedDataParallel model, got {type(model).__name__}; pass the DDP wrapper "
                 "itself (FSDP2 models need nothing: pass no ddp=)"
             )
+        if getattr(model, "_use_python_reducer", False):
+            raise ValueError(
+                "this DDP model reduces gradients in Python (compiled autograd's python_reducer), which hands "
+                "communication hooks no buckets; drop ddp= and bscale sends its statistics in an all-reduce of its own"
+            )
+        group = model.process_group
         ours = dist.get_process_group_ranks(self.group or dist.group.WORLD)
-        theirs = dist.get_process_group_ranks(model.process_group)
+        theirs = dist.get_process_group_ranks(group)
         if sorted(ours) != sorted(theirs):
             raise ValueError(
                 f"the DDP model averages over ranks {sorted(theirs)} but bscale reduces over {sorted(ours)}; pass "
                 "the DDP model's process group as process_group="
             )
+        ignored = getattr(model, "parameters_to_ignore", set())
+        self._ddp_params = {id(p) for n, p in model.module.named_parameters() if n not in ignored}
+        for p in params:
+            self._check_ddp_param(p)
+        hooks = list(getattr(model, "_comm_hooks", []))
+        for hook, state in hooks:
+            if hook is _ride_hook:
+                state.serve(owner)  # an earlier wrapper's hook (DDP keeps a hook for the model's lifetime)
+                return
         if self.world_size == 1:
             return  # nothing crosses ranks: DDP's own all-reduce stays as it is
-        state = _RideState(self.group, self.world_size, weakref.WeakMethod(payload), weakref.WeakMethod(arrived))
-        try:
-            model.register_comm_hook(state, _ride_hook)
-        except RuntimeError as e:
+        if hooks:
             raise ValueError(
                 "this DDP model already has a communication hook (DDP takes one per model), so bscale cannot "
                 "send its statistics with the gradients; drop ddp= and bscale sends them in one small "
-                f"all-reduce of its own, beside your hook ({e})"
+                "all-reduce of its own, beside your hook"
+            )
+        state = _RideState(group, self.world_size)
+        state.serve(owner)
+        try:
+            model.register_comm_hook(state, _ride_hook)
+        except RuntimeError as e:  # a built-in (C++) hook registered earlier
+            model._comm_hooks = [h for h in model._comm_hooks if h[0] is not _ride_hook]
+            raise ValueError(
+                "this DDP model already has a communication hook (DDP takes one per model), so bscale cannot "
+                f"send its statistics with the gradients; drop ddp= ({e})"
             ) from None
 
+    def _check_ddp_param(self, p: torch.Tensor) -> None:
+        """With ddp=: ``p``'s gradient must be synchronised in DDP's buckets (the statistics ride the last one)."""
+        if self._ddp_params is not None and id(p) not in self._ddp_params:
+            raise ValueError(
+                "with ddp=, every parameter of the optimizer must be one that DDP synchronises in its buckets; "
+                "this one is outside the DDP model (or in its ignored or delayed-all-reduce parameters): give it "
+                "to DDP, or drop ddp= and bscale sends its statistics in an all-reduce of its own"
+            )
+
     def rode(self, reduced: torch.Tensor, big: torch.Tensor) -> PendingReduce:
-        """A completed :class:`PendingReduce` from :meth:`ride_ddp`'s reduced ``[small..., k, k², Σ1/b, Σb]`` and
-        this rank's squared norms of the synchronised (replicated, hence already global) gradient."""
+        """A completed :class:`PendingReduce` from :meth:`ride_ddp`'s reduced ``[small..., k, k², Σ1/b, ⌊Σb/2^12⌋,
+        Σb mod 2^12]`` and this rank's squared norms of the synchronised (replicated, hence already global)
+        gradient."""
         p = big.numel()
         self._device = big.device
-        buf = torch.empty(reduced.numel() + p, dtype=torch.float64, device=big.device)
-        buf[:p].copy_(reduced[:p])
+        r = reduced.to(device=big.device, dtype=torch.float64)
+        buf = torch.empty(2 * p + 4, dtype=torch.float64, device=big.device)
+        buf[:p].copy_(r[:p])
         buf[p : 2 * p].copy_(big)
-        buf[2 * p :].copy_(reduced[p:])
+        buf[2 * p : 2 * p + 3].copy_(r[p : p + 3])
+        buf[2 * p + 3] = r[p + 3] * _SPLIT + r[p + 4]  # Σb from its two parts (see split_examples)
         if self.debug:
             self._local_check = big.double().sum()
         return PendingReduce(buf, None, 2 * p)

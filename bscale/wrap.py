@@ -297,7 +297,7 @@ class ScaledOptimizer(Optimizer):
         self._coord_sq: dict[int, torch.Tensor] = {}  # per-coordinate mode: Σ_j g_j² per parameter
         self._reset_step_stats()
         if ddp is not None:
-            self._dp.ride_ddp(ddp, self._ride_payload, self._ride_arrived)
+            self._dp.ride_ddp(ddp, self, self._params)
 
     # ---- the torch.optim contract ---------------------------------------------------------------------------------
 
@@ -578,10 +578,11 @@ class ScaledOptimizer(Optimizer):
     def _end_backward(self) -> None:
         rode = self._ride_k == len(self._sizes) + 1  # DDP's last bucket carried this backward's statistics
         if rode and (self._held or self._pending or self._step_norms):
-            # Gradients of parameters outside the DDP model arrived after its last bucket: the statistics it
-            # carried miss them, so this step's collective is sent by step() instead (alike on every rank).
-            self._ride_k, self._ride_out = -1, None
-            rode = False
+            # Only parameters DDP synchronises are accepted with ddp=, and all of theirs precede its last bucket.
+            raise RuntimeError(
+                "bscale: gradients arrived after DDP's last bucket had carried this backward's statistics; "
+                "with ddp=, every parameter of the optimizer must be one DDP synchronises: drop ddp="
+            )
         self._norm_held()
         self._in_backward = False
         self._sizes.append(float(self.microbatch_size))
@@ -658,16 +659,22 @@ class ScaledOptimizer(Optimizer):
             self._norm_held()
             sizes.append(float(self.microbatch_size))
         self._add_norms()
-        self._ensure_sums(device)
+        if self._sums is None:
+            self._ensure_sums(device)
         P = len(self._params)
         k = len(sizes)
-        payload = torch.empty(P + 4, dtype=torch.float32, device=device)
+        payload = torch.empty(P + 5, dtype=torch.float32, device=device)
         payload[:P].copy_(self._small)
-        # Scalar fills, not a host-to-device copy. Counts are exact in float32; Σ1/b to 1e-7 relative.
+        # Scalar fills, not a host-to-device copy. The counts and Σb (in two parts) are exact in float32; Σ1/b
+        # (the harmonic mean microbatch, b = k/Σ1/b) is rounded to ~1e-7 relative.
+        from .distributed import split_examples
+
+        hi, lo = split_examples(math.fsum(sizes))
         payload[P] = float(k)
         payload[P + 1] = float(k * k)
         payload[P + 2] = math.fsum(1.0 / s for s in sizes)
-        payload[P + 3] = math.fsum(sizes)
+        payload[P + 3] = hi
+        payload[P + 4] = lo
         self._ride_k, self._ride_out = k, None
         self._rides = True
         return payload

@@ -7,6 +7,7 @@ microbatches with gradient accumulation is the reference every data-parallel run
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import traceback
@@ -81,12 +82,17 @@ def _count(accum: int | Sequence[int], step: int) -> int:
     return accum if isinstance(accum, int) else accum[step]
 
 
-def reference(ranks: Sequence[int], accum: int | Sequence[int], steps: int = STEPS) -> list[dict[str, float]]:
-    """One process running the microbatches of `ranks`, accumulated with loss / (len(ranks)·accum)."""
+def reference(
+    ranks: Sequence[int], accum: int | Sequence[int], steps: int = STEPS, new_opt_at: int | None = None
+) -> list[dict[str, float]]:
+    """One process running the microbatches of `ranks`, accumulated with loss / (len(ranks)·accum); a fresh
+    wrapped optimizer takes over at step `new_opt_at`."""
     model = make_model()
     opt = make_opt(model)
     out = []
     for step in range(steps):
+        if step == new_opt_at:
+            opt = make_opt(model)
         a = _count(accum, step)
         for rank in ranks:
             for micro in range(a):
@@ -265,6 +271,67 @@ def ddp_ride(c: Ctx) -> dict[str, Any]:
     return out
 
 
+REWRAP_AT = 2  # the rewrap scenario builds a second wrapper for the same DDP model at this step
+
+
+def ddp_ride_more(c: Ctx) -> dict[str, Any]:
+    """ddp= with several gradient buckets, with gradients as bucket views and a GradScaler, and with a second
+    wrapper for the same DDP model taking over the hook from the first."""
+    out: dict[str, Any] = {}
+    model = make_model()
+    ddp = _ddp(model, bucket_cap_mb=1e-4)  # ~100 bytes: a bucket per parameter tensor after the first step
+    opt = make_opt(ddp, named=model, ddp=ddp)
+    seen: list[int] = []
+    real_all_reduce = dist.all_reduce
+    dist.all_reduce = _recording_all_reduce(seen)
+    try:
+        out["ride_buckets"] = train(ddp, opt, c.rank, c.accum, range(STEPS), c.no_sync_but_last(ddp))
+    finally:
+        dist.all_reduce = real_all_reduce
+    out["ride_buckets_collectives"] = seen
+
+    model = make_model()
+    ddp = _ddp(model, gradient_as_bucket_view=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = make_opt(ddp, named=model, grad_scaler=scaler, ddp=ddp)
+    out["ride_bucket_view_scaler"] = train(
+        ddp, opt, c.rank, c.accum, range(STEPS), c.no_sync_but_last(ddp), scaler=scaler
+    )
+
+    model = make_model()
+    ddp = _ddp(model)
+    opt = make_opt(ddp, named=model, ddp=ddp)
+    run = train(ddp, opt, c.rank, c.accum, range(REWRAP_AT), c.no_sync_but_last(ddp))
+    opt = make_opt(ddp, named=model, ddp=ddp)  # the model's hook now serves this one; the first is dropped
+    seen = []
+    dist.all_reduce = _recording_all_reduce(seen)
+    try:
+        run += train(ddp, opt, c.rank, c.accum, range(REWRAP_AT, STEPS), c.no_sync_but_last(ddp))
+    finally:
+        dist.all_reduce = real_all_reduce
+    out["ride_rewrap"] = run
+    out["ride_rewrap_collectives"] = seen
+
+    # A wrapper dropped on one rank only: that rank's hook sends zeros, the other rank's counts do not add up.
+    model = make_model()
+    ddp = _ddp(model)
+    opt = make_opt(ddp, named=model, ddp=ddp)
+    train(ddp, opt, c.rank, c.accum, range(1), c.no_sync_but_last(ddp))
+    if c.rank == 1:
+        del opt
+        gc.collect()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def one_step() -> None:
+        for micro in range(c.accum):
+            with c.no_sync_but_last(ddp)(micro == c.accum - 1):
+                loss_of(ddp, 1, c.rank, micro, c.accum).backward()
+        opt.step()
+
+    out["err_dropped"] = _raises(one_step)
+    return out
+
+
 def ddp_ride_errors(c: Ctx) -> dict[str, Any]:
     """ddp= refuses what it cannot ride: a plain module, a model with its own comm hook, another group."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -284,6 +351,13 @@ def ddp_ride_errors(c: Ctx) -> dict[str, Any]:
     own = [dist.new_group([r]) for r in range(c.world)][c.rank]
     ddp = _ddp(make_model())
     out["err_group"] = value_error(lambda: make_opt(ddp, ddp=ddp, process_group=own))
+    extra = nn.Parameter(torch.zeros(1))
+    ddp = _ddp(make_model())
+    out["err_outside"] = value_error(
+        lambda: bscale.wrap(torch.optim.SGD([*ddp.parameters(), extra], lr=0.05), MICRO, ddp=ddp)
+    )
+    opt = bscale.wrap(torch.optim.SGD(ddp.parameters(), lr=0.05), MICRO, ddp=ddp)
+    out["err_added"] = value_error(lambda: opt.add_param_group({"params": [extra]}))
     return out
 
 
@@ -403,6 +477,7 @@ SCENARIOS = (
     ddp_varying_accum,
     ddp_fp16_hook,
     ddp_ride,
+    ddp_ride_more,
     ddp_ride_errors,
     fsdp,
     hsdp,

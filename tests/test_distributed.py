@@ -152,7 +152,7 @@ def test_user_comm_hook_composes(job, ref):
     assert_readings(result(job, 0, "ddp_fp16_hook"), ref, rtol=1e-2, what="fp16 hook")
 
 
-@pytest.mark.parametrize("run", ["ride_no_sync", "ride_sync", "ride_debug"])
+@pytest.mark.parametrize("run", ["ride_no_sync", "ride_sync", "ride_debug", "ride_buckets", "ride_bucket_view_scaler"])
 def test_ride_matches_one_process(job, ref, run):
     """ddp=: the statistics sent with DDP's last gradient bucket give one process's readings, identical on
     every rank."""
@@ -171,7 +171,7 @@ def test_ride_sends_no_collective_of_its_own(job):
     """With ddp=, the only all-reduces are DDP's buckets (one here: the model is tiny), the last one longer by
     the statistics: one sum per parameter tensor and four counts."""
     n_params, n_tensors = result(job, 0, "ride_sizes")
-    carried = n_params + n_tensors + 4
+    carried = n_params + n_tensors + 5  # Σb travels in two parts, exact in float32
     for rank in range(WORLD):
         assert result(job, rank, "ride_no_sync_collectives") == [carried] * W.STEPS
         assert result(job, rank, "ride_sync_collectives") == [carried] * (W.STEPS * ACCUM)
@@ -180,11 +180,44 @@ def test_ride_sends_no_collective_of_its_own(job):
         assert result(job, rank, "ride_varying_collectives") == [carried] * len(W.VARYING)
 
 
+def test_ride_several_buckets(job):
+    """Several buckets (after DDP's first step, which uses one): only the last carries the statistics, sent once
+    every parameter's gradient of the backward has been seen; the readings are one process's (above)."""
+    n_params, n_tensors = result(job, 0, "ride_sizes")
+    carried = n_params + n_tensors + 5
+    for rank in range(WORLD):
+        sizes = result(job, rank, "ride_buckets_collectives")
+        assert sizes[0] == carried  # the first step: a single bucket
+        per_step, rest = divmod(len(sizes) - 1, W.STEPS - 1)
+        assert per_step >= 2 and rest == 0, sizes
+        for step in range(W.STEPS - 1):
+            chunk = sizes[1 + step * per_step : 1 + (step + 1) * per_step]
+            assert sum(chunk) == carried, chunk
+            assert chunk[-1] > n_tensors + 5 and all(c < n_params for c in chunk[:-1]), chunk
+
+
+def test_ride_handed_to_a_new_wrapper(job):
+    """A second wrap(..., ddp=model) takes the model's hook over from the first (DDP keeps one per model)."""
+    want = W.reference(range(WORLD), ACCUM, new_opt_at=W.REWRAP_AT)
+    n_params, n_tensors = result(job, 0, "ride_sizes")
+    for rank in range(WORLD):
+        assert_readings(result(job, rank, "ride_rewrap"), want, what=f"rank {rank}")
+        assert result(job, rank, "ride_rewrap_collectives") == [n_params + n_tensors + 5] * (W.STEPS - W.REWRAP_AT)
+
+
+def test_ride_dropped_wrapper_is_reported_not_hung(job):
+    """A wrapper dropped on one rank only: its hook keeps the bucket's length, and the other rank is told."""
+    assert "different numbers of microbatches" in result(job, 0, "err_dropped")
+    assert result(job, 1, "err_dropped") == ""
+
+
 def test_ride_refuses_what_it_cannot_ride(job):
     for rank in range(WORLD):
         assert "DistributedDataParallel" in result(job, rank, "err_plain")
         assert "already has a communication hook" in result(job, rank, "err_hooked")
         assert "process_group=" in result(job, rank, "err_group")
+        assert "must be one that DDP synchronises" in result(job, rank, "err_outside")
+        assert "must be one that DDP synchronises" in result(job, rank, "err_added")
 
 
 def test_process_group(job):
