@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from _stats import median_ci, quartiles  # benchmarks/_stats.py
 from torch import nn
 
 import bscale
@@ -98,11 +99,6 @@ class _Floor:
         opt.zero_grad(set_to_none=True)
 
 
-def _quartiles(xs):
-    q1, _, q3 = statistics.quantiles(xs, n=4)
-    return q1, statistics.median(xs), q3
-
-
 def measure(name: str, factory, *, k: int, reps: int, warmup: int, device: torch.device, **wrap_kwargs):
     """Bare, floor and wrapped steps on identical copies and data, interleaved (the order rotates each rep)."""
     model, batches, loss_fn, micro_size = factory(device)
@@ -140,7 +136,9 @@ def measure(name: str, factory, *, k: int, reps: int, warmup: int, device: torch
     mem = wrapped.memory_bytes()
 
     def ratios(times, a, b):
-        return _quartiles([x / y for x, y in zip(times[a], times[b], strict=True)])
+        return quartiles([x / y for x, y in zip(times[a], times[b], strict=True)])
+
+    cpu_wrapped = [x / y for x, y in zip(cpu["wrapped"], cpu["bare"], strict=True)]
 
     return {
         "workload": name,
@@ -150,6 +148,7 @@ def measure(name: str, factory, *, k: int, reps: int, warmup: int, device: torch
         "wrapped_ms": 1e3 * statistics.median(wall["wrapped"]),
         "ratio": ratios(wall, "wrapped", "bare"),
         "cpu_ratio": ratios(cpu, "wrapped", "bare"),
+        "ci": median_ci(cpu_wrapped),
         "floor_ratio": ratios(cpu, "floor", "bare"),
         "over_floor": ratios(cpu, "wrapped", "floor"),
         "persistent_bytes": mem["persistent"],
@@ -211,18 +210,21 @@ def main(argv=None) -> int:
         "(`bscale.wrap`) and *floor*: the same statistics with the fewest eager torch ops and no bookkeeping (each",
         "microbatch gradient's norm in its hook, the accumulated gradient's norms after the last backward, one host",
         "read), i.e. what reading the gradient bytes once per microbatch costs any eager implementation.",
-        "Ratios are medians of per-repetition ratios, IQR in brackets. *Wall* is wall-clock time; the other columns",
-        "use this thread's CPU time (one torch thread), which other processes on the shared machine do not inflate.",
+        "Ratios are medians of per-repetition ratios, IQR in brackets (how single steps spread); the 95% CI is a",
+        "bootstrap interval of the median wrapped/bare ratio (how precisely this run pins it down; wall time in the",
+        "DDP rows, CPU time otherwise). *Wall* is wall-clock time; the other columns use this thread's CPU time (one",
+        "torch thread), which other processes on the shared machine do not inflate.",
         "Target: wrapped/bare ≤ 1.02 in the default mode, ≤ 1.05 with per-coordinate statistics.",
         "",
-        "| workload | k | bare ms | wrapped ms | wrapped/bare, wall | wrapped/bare, CPU | floor/bare, CPU "
-        "| wrapped/floor, CPU | persistent extra | transient peak | per-param copy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | k | bare ms | wrapped ms | wrapped/bare, wall | wrapped/bare, CPU | 95% CI of the median "
+        "| floor/bare, CPU | wrapped/floor, CPU | persistent extra | transient peak | per-param copy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows + ddp_rows:
         lines.append(
             f"| {r['workload']} | {r['k']} | {r['bare_ms']:.1f} | {r['wrapped_ms']:.1f} | {_q(r, 'ratio')} | "
-            f"{_q(r, 'cpu_ratio')} | {_q(r, 'floor_ratio')} | {_q(r, 'over_floor')} | "
+            f"{_q(r, 'cpu_ratio')} | {r['ci'][0]:.3f}–{r['ci'][1]:.3f} | {_q(r, 'floor_ratio')} | "
+            f"{_q(r, 'over_floor')} | "
             f"{r['persistent_bytes'] / 1024:.1f} KiB | "
             f"{r['transient_bytes'] / 1024:.1f} KiB | {r['persistent_bytes'] / r['param_bytes']:.2%} of fp32 params |"
         )

@@ -31,10 +31,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _stats import median_ci, quartiles  # benchmarks/_stats.py
 from torch import nn
 
 WORLD = 2
-HEADER = "| workload | k | bare ms | wrapped ms | ratio [IQR] | persistent extra | transient peak | per-param copy |"
+HEADER = (
+    "| workload | k | bare ms | wrapped ms | ratio [IQR] | 95% CI of the median | persistent extra | transient peak "
+    "| per-param copy |"
+)
 
 
 def _mlp() -> tuple[nn.Module, Any, Any, int]:
@@ -118,7 +122,6 @@ def _worker(rank: int, init_file: str, out: str, workload: str, k: int, reps: in
         rows = []
         for arm, label in ((1, ""), (2, ", `ddp=model`")):
             ratios = [w / b for w, b in zip(times[arm], times[0], strict=True)]
-            q1, _, q3 = statistics.quantiles(ratios, n=4)
             mem = opts[arm].memory_bytes()
             rows.append(
                 {
@@ -127,7 +130,8 @@ def _worker(rank: int, init_file: str, out: str, workload: str, k: int, reps: in
                     "params": n_params,
                     "bare_ms": 1e3 * statistics.median(times[0]),
                     "wrapped_ms": 1e3 * statistics.median(times[arm]),
-                    "ratio": (q1, statistics.median(ratios), q3),
+                    "ratio": quartiles(ratios),
+                    "ci": median_ci(ratios),
                     "persistent_bytes": mem["persistent"],
                     "transient_bytes": mem["transient_peak"],
                     "param_bytes": n_params * 4,
@@ -158,7 +162,7 @@ def markdown_row(r: dict[str, Any]) -> str:
     """One row in the column layout of benchmarks/overhead.py's table."""
     return (
         f"| {r['workload']} | {r['k']} | {r['bare_ms']:.1f} | {r['wrapped_ms']:.1f} | "
-        f"{r['ratio'][1]:.3f} [{r['ratio'][0]:.3f}, {r['ratio'][2]:.3f}] | "
+        f"{r['ratio'][1]:.3f} [{r['ratio'][0]:.3f}, {r['ratio'][2]:.3f}] | {r['ci'][0]:.3f}–{r['ci'][1]:.3f} | "
         f"{r['persistent_bytes'] / 1024:.1f} KiB | {r['transient_bytes'] / 1024:.1f} KiB | "
         f"{r['persistent_bytes'] / r['param_bytes']:.2%} of fp32 params |"
     )
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (15 if args.quick else 60)
     rows = run(reps=reps, k=args.k, workloads=tuple(args.workloads), block=args.block)
     print(HEADER)
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(markdown_row(r))
     return 0

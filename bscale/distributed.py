@@ -32,10 +32,11 @@ Under DDP the statistics can instead ride with DDP's own gradient all-reduce (``
 a communication hook (:meth:`DataParallel.ride_ddp`) does what DDP's default hook does — divide each bucket by
 ``W`` and all-reduce it — and appends the rank's microbatch sums and counts to the step's last bucket, so no
 collective of its own is sent. The synchronised gradient's squared norms need no reduction there: only
-parameters that DDP synchronises in its buckets are accepted, so every rank holds the same ``.grad``. DDP takes one communication hook per model, so this does not compose with a user's
-own hook (fp16 or bf16 compression, PowerSGD): that hook owns the bucket's wire format, in which float32 sums
-cannot travel exactly. Without ``ddp=`` no hook is installed, a user's hook keeps working, and the readings
-describe the gradient that hook delivers.
+parameters that DDP synchronises in its buckets are accepted, so every rank holds the same ``.grad``. DDP
+takes one communication hook per model, so this does not compose with a user's own hook (fp16 or bf16
+compression, PowerSGD): that hook owns the bucket's wire format, in which float32 sums cannot travel exactly.
+Without ``ddp=`` no hook is installed, a user's hook keeps working, and the readings describe the gradient that
+hook delivers.
 """
 
 from __future__ import annotations

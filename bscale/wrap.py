@@ -16,6 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import laws
+from .distributed import DataParallel, split_examples
 from .estimate import NoiseScaleEstimator
 from .kernels import coordinate_stats, resolve_backend
 from .kernels.sqnorm import accumulate_sq_norms_trusted
@@ -252,8 +253,6 @@ class ScaledOptimizer(Optimizer):
         self.backend = backend
         self._bucket_bytes = int(bucket_mb * 2**20)
         self.estimator = NoiseScaleEstimator(beta)
-
-        from .distributed import DataParallel  # local import: distributed.py imports nothing from here
 
         self._dp = DataParallel(process_group, debug=debug)
         if per_coordinate and self._dp.world_size > 1:
@@ -651,8 +650,8 @@ class ScaledOptimizer(Optimizer):
 
     def _ride_payload(self, device: torch.device) -> torch.Tensor:
         """ddp=: called by the DDP hook when the last gradient bucket of a synchronising backward is ready (every
-        parameter's gradient of this backward has passed its hook): this rank's ``[small..., k, k², Σ1/b, Σb]``
-        including the backward in progress, the same length on every rank."""
+        parameter's gradient of this backward has passed its hook): this rank's ``[small..., k, k², Σ1/b, Σb in two
+        parts]`` including the backward in progress, the same length on every rank."""
         self._drop_reduce()  # a collective sent for fewer microbatches (every rank sent it): complete it
         sizes = list(self._sizes)
         if self._in_backward:
@@ -667,8 +666,6 @@ class ScaledOptimizer(Optimizer):
         payload[:P].copy_(self._small)
         # Scalar fills, not a host-to-device copy. The counts and Σb (in two parts) are exact in float32; Σ1/b
         # (the harmonic mean microbatch, b = k/Σ1/b) is rounded to ~1e-7 relative.
-        from .distributed import split_examples
-
         hi, lo = split_examples(math.fsum(sizes))
         payload[P] = float(k)
         payload[P + 1] = float(k * k)
