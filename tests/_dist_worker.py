@@ -135,10 +135,10 @@ def _ddp(model: nn.Module, **kw: Any) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, **kw)
 
 
-def _raises(fn: Callable[[], Any]) -> str:
+def _raises(fn: Callable[[], Any], error: type[Exception] = RuntimeError) -> str:
     try:
         fn()
-    except RuntimeError as e:
+    except error as e:
         return str(e)
     return ""
 
@@ -337,11 +337,7 @@ def ddp_ride_errors(c: Ctx) -> dict[str, Any]:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     def value_error(fn: Callable[[], Any]) -> str:
-        try:
-            fn()
-        except ValueError as e:
-            return str(e)
-        return ""
+        return _raises(fn, ValueError)
 
     model = make_model()
     out = {"err_plain": value_error(lambda: make_opt(model, ddp=model))}

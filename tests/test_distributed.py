@@ -100,25 +100,32 @@ def test_reference_is_informative(ref):
     assert 1.0 < last["lr_scale"] < 2.0
 
 
-@pytest.mark.parametrize("run", ["ddp_no_sync", "ddp_sync", "ddp_bucket_view_scaler", "fsdp_no_sync", "fsdp_sync"])
+# ride_*: ddp=, the statistics sent with DDP's last gradient bucket (several buckets, bucket views with a GradScaler).
+RIDES = ("ride_no_sync", "ride_sync", "ride_debug", "ride_buckets", "ride_bucket_view_scaler")
+
+
+@pytest.mark.parametrize(
+    "run", ["ddp_no_sync", "ddp_sync", "ddp_bucket_view_scaler", "fsdp_no_sync", "fsdp_sync", *RIDES]
+)
 def test_matches_one_process(job, ref, run):
     """W=2 ranks × A=2 microbatches equal one process accumulating the same 4 microbatches."""
     for rank in range(WORLD):
         assert_readings(result(job, rank, run), ref, what=f"{run} rank {rank}")
 
 
-@pytest.mark.parametrize("run", ["ddp_no_sync", "ddp_sync", "fsdp_no_sync", "ddp_fp16_hook", "resumed"])
+@pytest.mark.parametrize("run", ["ddp_no_sync", "ddp_sync", "fsdp_no_sync", "ddp_fp16_hook", "resumed", *RIDES])
 def test_identical_on_every_rank(job, run):
     """Every rank holds bit-identical readings (and so applies the identical learning-rate scale)."""
     for rank in range(1, WORLD):
         assert_readings(result(job, rank, run), result(job, 0, run), rtol=0.0, what=f"{run} rank {rank} vs 0")
 
 
-def test_changing_accumulation_count(job):
+@pytest.mark.parametrize("run", ["ddp_varying_accum", "ride_varying"])
+def test_changing_accumulation_count(job, run):
     """Counts 2, 3, 3, 2, 1, 2 per rank: each step equals one process running that step's 2·A microbatches."""
     want = W.reference(range(WORLD), W.VARYING, steps=len(W.VARYING))
     for rank in range(WORLD):
-        assert_readings(result(job, rank, "ddp_varying_accum"), want, what=f"rank {rank}")
+        assert_readings(result(job, rank, run), want, what=f"rank {rank}")
 
 
 def test_fsdp_detected(job):
@@ -152,24 +159,9 @@ def test_user_comm_hook_composes(job, ref):
     assert_readings(result(job, 0, "ddp_fp16_hook"), ref, rtol=1e-2, what="fp16 hook")
 
 
-@pytest.mark.parametrize("run", ["ride_no_sync", "ride_sync", "ride_debug", "ride_buckets", "ride_bucket_view_scaler"])
-def test_ride_matches_one_process(job, ref, run):
-    """ddp=: the statistics sent with DDP's last gradient bucket give one process's readings, identical on
-    every rank."""
-    for rank in range(WORLD):
-        assert_readings(result(job, rank, run), ref, what=f"{run} rank {rank}")
-        assert_readings(result(job, rank, run), result(job, 0, run), rtol=0.0, what=f"{run} rank {rank} vs 0")
-
-
-def test_ride_changing_accumulation_count(job):
-    want = W.reference(range(WORLD), W.VARYING, steps=len(W.VARYING))
-    for rank in range(WORLD):
-        assert_readings(result(job, rank, "ride_varying"), want, what=f"rank {rank}")
-
-
 def test_ride_sends_no_collective_of_its_own(job):
     """With ddp=, the only all-reduces are DDP's buckets (one here: the model is tiny), the last one longer by
-    the statistics: one sum per parameter tensor and four counts."""
+    the statistics: one sum per parameter tensor, three counts and the examples in two parts."""
     n_params, n_tensors = result(job, 0, "ride_sizes")
     carried = n_params + n_tensors + 5  # Σb travels in two parts, exact in float32
     for rank in range(WORLD):
