@@ -178,11 +178,11 @@ _RIDE_DTYPES = (torch.float32, torch.float64)
 _SPLIT = 4096.0  # Σb rides as ⌊Σb/2^12⌋ and Σb mod 2^12: both sums stay exact in float32 up to 2^36 examples
 
 
-def split_examples(examples: float) -> tuple[float, float]:
-    """``(hi, lo)`` with ``examples = hi·2^12 + lo``: integers below 2^24 each for whole batches under 2^36
-    examples, so their sums over ranks (up to 4096 of them) are exact even in a float32 bucket."""
-    hi = math.floor(examples / _SPLIT)
-    return float(hi), examples - hi * _SPLIT
+_HOOKED = (
+    "this DDP model already has a communication hook (DDP takes one per model), so bscale cannot send its "
+    "statistics with the gradients; drop ddp= and bscale sends them in one small all-reduce of its own, beside "
+    "your hook"
+)
 
 
 class _RideState:
@@ -424,21 +424,14 @@ class DataParallel:
         if self.world_size == 1:
             return  # nothing crosses ranks: DDP's own all-reduce stays as it is
         if hooks:
-            raise ValueError(
-                "this DDP model already has a communication hook (DDP takes one per model), so bscale cannot "
-                "send its statistics with the gradients; drop ddp= and bscale sends them in one small "
-                "all-reduce of its own, beside your hook"
-            )
+            raise ValueError(_HOOKED)
         state = _RideState(group, self.world_size)
         state.serve(owner)
         try:
             model.register_comm_hook(state, _ride_hook)
         except RuntimeError as e:  # a built-in (C++) hook registered earlier
             model._comm_hooks = [h for h in model._comm_hooks if h[0] is not _ride_hook]
-            raise ValueError(
-                "this DDP model already has a communication hook (DDP takes one per model), so bscale cannot "
-                f"send its statistics with the gradients; drop ddp= ({e})"
-            ) from None
+            raise ValueError(f"{_HOOKED} ({e})") from None
 
     def _check_ddp_param(self, p: torch.Tensor) -> None:
         """With ddp=: ``p``'s gradient must be synchronised in DDP's buckets (the statistics ride the last one)."""
@@ -448,6 +441,27 @@ class DataParallel:
                 "this one is outside the DDP model (or in its ignored or delayed-all-reduce parameters): give it "
                 "to DDP, or drop ddp= and bscale sends its statistics in an all-reduce of its own"
             )
+
+    @staticmethod
+    def ride_payload(small: torch.Tensor, sizes: Sequence[float]) -> torch.Tensor:
+        """What one rank's last DDP bucket carries (:meth:`ride_ddp`): ``[small..., k, k², Σ1/b, ⌊Σb/2^12⌋,
+        Σb mod 2^12]`` in float32 on ``small``'s device, for the microbatch sizes ``sizes`` of the step so far.
+
+        The counts and both parts of Σb are integers below 2^24 (whole batches under 2^36 examples, up to 4096
+        ranks), so their sums over ranks are exact even in a float32 bucket; Σ1/b is rounded to ~1e-7 relative.
+        """
+        p, k = small.numel(), len(sizes)
+        examples = math.fsum(sizes)
+        hi = math.floor(examples / _SPLIT)
+        payload = torch.empty(p + 5, dtype=torch.float32, device=small.device)
+        payload[:p].copy_(small)
+        # Scalar fills, not a host-to-device copy.
+        payload[p] = float(k)
+        payload[p + 1] = float(k * k)
+        payload[p + 2] = math.fsum(1.0 / b for b in sizes)
+        payload[p + 3] = float(hi)
+        payload[p + 4] = examples - hi * _SPLIT
+        return payload
 
     def rode(self, reduced: torch.Tensor, big: torch.Tensor) -> PendingReduce:
         """A completed :class:`PendingReduce` from :meth:`ride_ddp`'s reduced ``[small..., k, k², Σ1/b, ⌊Σb/2^12⌋,
@@ -460,7 +474,7 @@ class DataParallel:
         buf[:p].copy_(r[:p])
         buf[p : 2 * p].copy_(big)
         buf[2 * p : 2 * p + 3].copy_(r[p : p + 3])
-        buf[2 * p + 3] = r[p + 3] * _SPLIT + r[p + 4]  # Σb from its two parts (see split_examples)
+        buf[2 * p + 3] = r[p + 3] * _SPLIT + r[p + 4]  # Σb from its two parts (see ride_payload)
         if self.debug:
             self._local_check = big.double().sum()
         return PendingReduce(buf, None, 2 * p)

@@ -16,7 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import laws
-from .distributed import DataParallel, split_examples
+from .distributed import DataParallel
 from .estimate import NoiseScaleEstimator
 from .kernels import coordinate_stats, resolve_backend
 from .kernels.sqnorm import accumulate_sq_norms_trusted
@@ -660,21 +660,9 @@ class ScaledOptimizer(Optimizer):
         self._add_norms()
         if self._sums is None:
             self._ensure_sums(device)
-        P = len(self._params)
-        k = len(sizes)
-        payload = torch.empty(P + 5, dtype=torch.float32, device=device)
-        payload[:P].copy_(self._small)
-        # Scalar fills, not a host-to-device copy. The counts and Σb (in two parts) are exact in float32; Σ1/b
-        # (the harmonic mean microbatch, b = k/Σ1/b) is rounded to ~1e-7 relative.
-        hi, lo = split_examples(math.fsum(sizes))
-        payload[P] = float(k)
-        payload[P + 1] = float(k * k)
-        payload[P + 2] = math.fsum(1.0 / s for s in sizes)
-        payload[P + 3] = hi
-        payload[P + 4] = lo
-        self._ride_k, self._ride_out = k, None
+        self._ride_k, self._ride_out = len(sizes), None
         self._rides = True
-        return payload
+        return self._dp.ride_payload(self._small, sizes)
 
     def _ride_arrived(self, reduced: torch.Tensor) -> None:
         self._ride_out = reduced
