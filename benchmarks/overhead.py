@@ -75,18 +75,26 @@ def _step(model, opt, micro, loss_fn, k):
 
 
 class _Floor:
-    """The same statistics with the fewest eager torch ops and no bookkeeping: each microbatch gradient's
-    norm in its hook, the accumulated gradient's norms in one op after the last backward, one host read.
-    What any eager implementation pays for reading the gradient bytes once per microbatch."""
+    """The same statistics with the fewest eager torch ops and no bookkeeping: each backward's gradients held
+    (aliases) and normed in one op when it ends, the accumulated gradients' norms in one op after the last
+    backward, one host read. What any eager implementation pays for reading the gradient bytes once per
+    microbatch, in the fewest ops (an op run inside a backward costs many times its time alone)."""
 
     def __init__(self, model):
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.norms = []
+        self.norms, self.held = [], []
+        self.engine = torch.autograd.Variable._execution_engine
         for p in self.params:
             p.register_hook(self._hook)
 
     def _hook(self, grad):
-        self.norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
+        if not self.held:
+            self.engine.queue_callback(self._end)
+        self.held.append(grad.data)
+
+    def _end(self):
+        self.norms += torch._foreach_norm(self.held, 2, dtype=torch.float32)
+        self.held.clear()
 
     def step(self, model, opt, micro, loss_fn, k):
         for xy in micro:
@@ -208,8 +216,9 @@ def main(argv=None) -> int:
         "Each step: k microbatch forward/backward passes, `clip_grad_norm_`, `step()`, `zero_grad()`. Three arms on",
         "identical copies and data, interleaved in rotating order: *bare* (the optimizer alone), *wrapped*",
         "(`bscale.wrap`) and *floor*: the same statistics with the fewest eager torch ops and no bookkeeping (each",
-        "microbatch gradient's norm in its hook, the accumulated gradient's norms after the last backward, one host",
-        "read), i.e. what reading the gradient bytes once per microbatch costs any eager implementation.",
+        "backward's gradients held and normed in one op when it ends, the accumulated gradient's norms in one op",
+        "after the last backward, one host read), i.e. what reading the gradient bytes once per microbatch costs",
+        "any eager implementation.",
         "Ratios are medians of per-repetition ratios, IQR in brackets (how single steps spread); the 95% CI is a",
         "bootstrap interval of the median wrapped/bare ratio (how precisely this run pins it down; wall time in the",
         "DDP rows, CPU time otherwise). *Wall* is wall-clock time; the other columns use this thread's CPU time (one",
@@ -232,8 +241,9 @@ def main(argv=None) -> int:
         "",
         "Memory: *persistent* is what the wrapper keeps between steps (two float32 scalars per parameter tensor;",
         "in per-coordinate mode one float32 copy of the parameters). *Transient peak* bounds the microbatch",
-        "gradients held within a backward: on the CPU the small ones (under 2^16 elements, normed together when",
-        "the backward ends), on a GPU those waiting for their bucket's fused launch (bounded by `bucket_mb`).",
+        "gradients held within a backward until one op takes their norms: on the CPU when the backward ends, on a",
+        "GPU at their bucket's fused launch; either way bounded by `bucket_mb` (32 MiB) plus one gradient. The",
+        "first backward of a step adds nothing: its gradients become `.grad`.",
     ]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

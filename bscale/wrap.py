@@ -68,23 +68,16 @@ def _check_positive(name: str, value: Any, integer: bool = False, unit: str = "e
         raise ValueError(f"Invalid {name}: {value!r}; it must be {kind}" + (f" of {unit}" if unit else ""))
 
 
-# Torch backend: gradients below this many elements are held until the end of their backward and normed
-# together in one op (a kernel dispatch costs as much as reading ~2^16 elements); larger ones are normed in
-# their hook. At most this many elements per parameter tensor are held (256 KiB of float32).
-_HOLD_BELOW = 1 << 16
-
-
 class ScaledOptimizer(Optimizer):
     r"""Wraps a ``torch.optim`` optimizer to measure the gradient noise scale live and scale its learning rate.
 
     The training loop is unchanged: ``k`` calls of ``loss.backward()`` (gradient accumulation), then ``step()`` and
     ``zero_grad()``. During each backward, gradient hooks add every parameter's squared microbatch-gradient norm
     into a device buffer with no host sync (on CUDA with Triton: one fused launch per bucket of gradients; with the
-    torch backend: each gradient's norm as it arrives, while it is in cache); once per step, at the expected last
-    backward, the squared norm of the accumulated ``.grad`` is taken, before any clipping or unscaling. At
-    ``step()`` one host sync reads those sums and feeds the two-batch estimator (McCandlish App. A.1) with ``b`` =
-    the microbatch size and
-    ``B = k·b``:
+    torch backend: one op for all the gradients of a backward, when it ends or ``bucket_mb`` fills); once per
+    step, at the expected last backward, the squared norm of the accumulated ``.grad`` is taken, before any
+    clipping or unscaling. At ``step()`` one host sync reads those sums and feeds the two-batch estimator
+    (McCandlish App. A.1) with ``b`` = the microbatch size and ``B = k·b``:
 
     .. math::
         |G_b|^2 = \operatorname{mean}_j |g_j|^2, \qquad |G_B|^2 = |\bar g|^2, \qquad
@@ -134,7 +127,8 @@ class ScaledOptimizer(Optimizer):
         debug: under ``torch.distributed``, check after every step that all ranks hold identical readings
             and that the step's gradient was synchronised; ``RuntimeError`` names what differs
             (default: False; one more all-reduce of a few scalars per step).
-        bucket_mb: how many MiB of microbatch gradients are gathered before one fused launch (default: 32).
+        bucket_mb: how many MiB of microbatch gradients are held before one fused launch (Triton) or one op (torch
+            backend) takes their norms; fewer are held when a backward ends first (default: 32).
         backend: kernel backend, ``None`` to choose from the device (default), ``"torch"`` or ``"triton"``.
 
     Under ``torch.distributed``, one all-reduce of a few scalars per step runs over ``process_group``, launched
@@ -269,9 +263,10 @@ class ScaledOptimizer(Optimizer):
         self._backends: dict[torch.device, str] = {}
         self._step_norms: list[torch.Tensor] = []  # torch backend: |g| of each gradient seen this step
         self._step_norm_slots: list[int] = []  # ... and its parameter's slot
-        self._held: list[torch.Tensor] = []  # torch backend: small gradients of this backward, norms at its end
+        self._held: list[torch.Tensor] = []  # torch backend: gradients of this backward, normed at its end
         self._held_slots: list[int] = []
-        self._held_capacity = 0  # bytes of one gradient of every parameter whose gradients are held
+        self._held_bytes = 0  # ... and their bytes
+        self._peak_held_bytes = 0
         self._in_backward = False
         self._reduce: PendingReduce | None = None  # the step's all-reduce in flight (torch.distributed)
         self._reduce_k = 0  # ... and the local microbatch count it carries
@@ -432,38 +427,27 @@ class ScaledOptimizer(Optimizer):
         # A weak reference: the parameters outlive a wrapper the user dropped (a new optimizer for the same
         # model), and a strong one would keep it alive, measuring on every backward, for as long as they live.
         ref = weakref.ref(self)
-        torch_backend = p.dtype != torch.float64 and self._backend_for(p.device) == "torch"
-        if torch_backend and p.numel() < _HOLD_BELOW:
-            self._held_capacity += p.numel() * p.element_size()
-            # A small gradient is held (an alias) until the end of this backward, when one op takes the norms of
-            # all of them (and one more adds their squares in per-coordinate mode): an op each, dispatched in the
-            # middle of backward, would cost more than its bytes.
+        if p.dtype != torch.float64 and self._backend_for(p.device) == "torch":
+            # Eager torch: the gradient is held (an alias) and normed with the backward's others in one op when
+            # the backward ends (or `bucket_mb` fills). In the middle of a backward, each op costs far more than
+            # measured alone (code and data are out of cache there): the fewer ops, the cheaper.
             held_append, held_slots_append = self._held.append, self._held_slots.append
+            nbytes = p.numel() * p.element_size()
 
-            def small_hook(grad: torch.Tensor) -> None:
+            def held_hook(grad: torch.Tensor) -> None:
                 opt = ref()
                 if opt is not None:
                     if not opt._in_backward:
                         opt._begin_backward()
-                    held_append(grad.detach())
+                    # .data: an alias with a TensorImpl of its own (so AccumulateGrad can still adopt the gradient
+                    # as .grad without a copy), made without an op dispatch, unlike detach().
+                    held_append(grad.data)
                     held_slots_append(slot)
+                    opt._held_bytes += nbytes
+                    if opt._held_bytes >= opt._bucket_bytes:
+                        opt._norm_held()
 
-            return small_hook
-        if torch_backend and not self.per_coordinate:
-            # A large gradient: one op, its norm taken now while the gradient is in cache, and no gradient held.
-            # Squares and per-parameter sums wait for the step's last backward.
-            norms_append, slots_append = self._step_norms.append, self._step_norm_slots.append
-            norm, f32 = torch.linalg.vector_norm, torch.float32
-
-            def torch_hook(grad: torch.Tensor) -> None:
-                opt = ref()
-                if opt is not None:
-                    if not opt._in_backward:
-                        opt._begin_backward()
-                    norms_append(norm(grad, dtype=f32))
-                    slots_append(slot)
-
-            return torch_hook
+            return held_hook
 
         def hook(grad: torch.Tensor) -> None:
             opt = ref()
@@ -483,8 +467,7 @@ class ScaledOptimizer(Optimizer):
         # A detached alias keeps AccumulateGrad free to adopt the gradient as .grad without a copy.
         g = grad.detach()
         if self._backend_for(g.device) == "torch":
-            # Eager torch: take the norm now, while the gradient is in cache, and hold no gradient (a bucket's
-            # single launch only pays for holding them on a GPU).
+            # Eager torch, a float64 gradient (which `_foreach_norm` will not narrow to float32): its norm now.
             if g.dtype == torch.float64:  # vector_norm will not narrow float64: round its norm instead
                 self._step_norms.append(torch.linalg.vector_norm(g).float())
             else:
@@ -529,6 +512,11 @@ class ScaledOptimizer(Optimizer):
         )
         self._pending, self._pending_slots, self._pending_bytes = [], [], 0
 
+    def _big_slots(self) -> range:
+        """The slots of ``|.grad|²`` in ``_sums`` (its second half), in parameter order."""
+        n = len(self._params)
+        return range(n, 2 * n)
+
     def _ensure_sums(self, device: torch.device) -> None:
         """Allocate the zeroed per-parameter sums on `device` unless they are there with one slot per parameter."""
         n = len(self._params)
@@ -563,8 +551,9 @@ class ScaledOptimizer(Optimizer):
         return buf
 
     def _norm_held(self) -> None:
-        """Norm the held small gradients (one op) and flush the pending ones."""
+        """Norm the held gradients (one op) and flush the pending ones."""
         if self._held:
+            self._peak_held_bytes = max(self._peak_held_bytes, self._held_bytes)
             if self.per_coordinate:  # float32 buffers: g*g is promoted before rounding
                 bufs = [self._coord_buffer(s, g) for s, g in zip(self._held_slots, self._held, strict=True)]
                 torch._foreach_addcmul_(bufs, self._held, self._held)
@@ -572,6 +561,7 @@ class ScaledOptimizer(Optimizer):
             self._step_norm_slots.extend(self._held_slots)
             self._held.clear()
             self._held_slots.clear()
+            self._held_bytes = 0
         self._flush()
 
     def _end_backward(self) -> None:
@@ -617,19 +607,27 @@ class ScaledOptimizer(Optimizer):
         return self._have_big
 
     def _read_accumulated(self) -> None:
-        self._add_norms()
         grads = self._local_grads()
         present = [i for i, g in enumerate(grads) if g is not None]
         if not present:
+            self._add_norms()
             self._have_big = False
             return
         device = grads[present[0]].device
         self._ensure_sums(device)
         backend = self._backend_for(device)
         if len(present) == len(grads) and backend == "torch" and all(g.dtype != torch.float64 for g in grads):
-            # Every parameter has a gradient (the usual case): the squares land in slot order, in three ops.
-            torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32), out=self._big).square_()
+            # Every parameter has a gradient (the usual case): these norms and the microbatches' go into the sums
+            # together, in four ops for all of them (each op run as a backward ends costs ~10x its time alone).
+            if self._have_big:  # read before in this step (more backwards followed): replaced, not added to
+                self._big.zero_()
+            norms = [*self._step_norms, *torch._foreach_norm(grads, 2, dtype=torch.float32)]
+            slots = self._slots_tensor([*self._step_norm_slots, *self._big_slots()], device)
+            self._sums.index_add_(0, slots, torch.stack(norms).square_())
+            self._step_norms.clear()
+            self._step_norm_slots.clear()
         else:
+            self._add_norms()
             self._big.zero_()
             grads = [grads[i] for i in present]
             accumulate_sq_norms_trusted(grads, self._big, self._slots_tensor(present, device), None, backend)
@@ -701,6 +699,7 @@ class ScaledOptimizer(Optimizer):
         self._step_norm_slots.clear()
         self._held.clear()
         self._held_slots.clear()
+        self._held_bytes = 0
         self._pending_bytes = 0
         self._in_backward = False
         self._sizes: list[float] = []
@@ -1069,12 +1068,12 @@ class ScaledOptimizer(Optimizer):
     def memory_bytes(self) -> dict[str, int]:
         """Memory the wrapper holds: ``persistent`` buffers (two float32 values per parameter tensor, plus one
         float32 copy of the parameters in per-coordinate mode) and the ``transient_peak`` of microbatch gradients
-        kept alive within a backward: on the torch backend the small ones (under 2^16 elements, normed together
-        when the backward ends; an upper bound), with Triton those waiting for their bucket's fused launch
-        (bounded by ``bucket_mb``)."""
+        kept alive within a backward until their norms are taken: on the torch backend when the backward ends,
+        with Triton by their bucket's fused launch; either way bounded by ``bucket_mb`` plus one gradient. Only the
+        gradients of a backward that finds ``.grad`` set add memory: the first one's become ``.grad``."""
         persistent = 0 if self._sums is None else self._sums.numel() * self._sums.element_size()
         persistent += sum(b.numel() * b.element_size() for b in self._coord_sq.values())
-        return {"persistent": persistent, "transient_peak": max(self._peak_pending_bytes, self._held_capacity)}
+        return {"persistent": persistent, "transient_peak": max(self._peak_pending_bytes, self._peak_held_bytes)}
 
     def remove_hooks(self) -> None:
         """Detach every gradient hook (the wrapper then only steps the optimizer)."""

@@ -150,6 +150,26 @@ def test_a_dropped_wrapper_stops_measuring():
     assert new.stats["microbatches"] == 3.0 and new.stats["steps"] == 2.0
 
 
+def test_held_gradients_are_normed_when_bucket_mb_fills_and_become_grad_without_a_copy():
+    # Linear(5, 7) has 35 + 7 float32 values, Linear(7, 2) 14 + 2: a bucket of 100 bytes fills within a backward.
+    data = _data(3, 3)
+    readings, peaks = {}, {}
+    for bucket_mb in (32.0, 100 / 2**20):
+        model = _model()
+        opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=4, bucket_mb=bucket_mb)
+        seen = {}
+        for p in model.parameters():  # registered after the wrapper's hooks: sees what AccumulateGrad gets
+            p.register_hook(lambda g, p=p, seen=seen: seen.__setitem__(p, g.data_ptr()))
+        _backward(model, data[0][:1])
+        # The first backward's gradients become .grad themselves: holding them costs no copy.
+        assert all(p.grad.data_ptr() == seen[p] for p in model.parameters())
+        readings[bucket_mb] = _train(model, opt, data)
+        peaks[bucket_mb] = opt.memory_bytes()["transient_peak"]
+    assert readings[32.0] == readings[100 / 2**20]  # the same norms, taken in more ops
+    assert peaks[32.0] == 4 * (35 + 7 + 14 + 2)  # a whole backward's gradients, held until it ends
+    assert 100 <= peaks[100 / 2**20] < 100 + 4 * 35  # the bucket, overfilled by at most one gradient
+
+
 # ---- matches the bare optimizer when scaling is off --------------------------------------------------------
 
 
