@@ -18,7 +18,8 @@ from torch.optim import Optimizer
 from . import laws
 from .distributed import DataParallel
 from .estimate import NoiseScaleEstimator
-from .kernels import coordinate_stats, resolve_backend
+from .kernels import resolve_backend
+from .kernels.coord import SLOTS, coordinate_stats_trusted
 from .kernels.sqnorm import accumulate_sq_norms_trusted
 
 if TYPE_CHECKING:
@@ -878,15 +879,7 @@ class ScaledOptimizer(Optimizer):
 
     # ---- per-coordinate statistics (opt-in) -----------------------------------------------------------------------
 
-    _COORD_KEYS = (
-        "sum_mu_sq",
-        "sum_sigma_sq",
-        "sum_mu_sq_over_sigma",
-        "num_coords",
-        "precond_small",
-        "precond_big",
-        "frac_small_batch",
-    )
+    _COORD_KEYS = SLOTS  # the kernels' output vector: these sums, then the SNR histogram
 
     def _coordinate_stats(self, k_local: int) -> torch.Tensor | None:
         slots = sorted(self._coord_sq)
@@ -902,18 +895,24 @@ class ScaledOptimizer(Optimizer):
             bufs.append(self._coord_sq[s])
             st = self.optimizer.state.get(p, {})
             vs.append(st.get("exp_avg_sq"))
-        use_v = bool(vs) and all(v is not None for v in vs)
+        if not grads:
+            return None
+        use_v = all(v is not None for v in vs)
+        self._coord_precond = use_v
         b = k_local / math.fsum(1.0 / s for s in self._sizes)
-        # .grad holds c·k·ḡ while the buffer holds Σ_j (c g_j)²: pass .grad as the sum S = Σ_j c g_j.
-        out = coordinate_stats(grads, bufs, k_local, b, exp_avg_sq=vs if use_v else None, backend=self.backend)
-        nan = torch.tensor(math.nan, device=grads[0].device)
-        vals = [out.get(key, nan).reshape(()).float() for key in self._COORD_KEYS]
-        hist = out["snr_hist"].float()
-        self._snr_hist_len = hist.numel()
-        return torch.cat([torch.stack(vals), hist])
+        # P = 1/(√v + ε) with the optimizer's own ε (the first group's, where groups differ).
+        eps = float(self.param_groups[0].get("eps", 1e-8)) if use_v else 1e-8
+        # .grad holds c·k·ḡ while the buffer holds Σ_j (c g_j)²: pass .grad as the sum S = Σ_j c g_j. Checked
+        # once, when the buffers were made: the vector comes back as is, the SLOTS (= _COORD_KEYS) then the
+        # histogram, in the one read of the step.
+        return coordinate_stats_trusted(
+            grads, bufs, vs if use_v else None, k_local, b, eps, None, True, self._backend_for(grads[0].device)
+        )
 
     def _record_coordinate_stats(self, values: list[float], k: int, b: float, B: float, c: float) -> None:
         d = dict(zip(self._COORD_KEYS, values[: len(self._COORD_KEYS)], strict=True))
+        if not self._coord_precond:  # no Adam second moment to precondition with: those sums are not there
+            d["precond_small"] = d["precond_big"] = math.nan
         hist = values[len(self._COORD_KEYS) :]
         # The kernels see gradients in the hooks' units (c·g): squares carry c², μ²/σ carries c.
         self._coord = {

@@ -64,3 +64,27 @@ def test_per_coordinate_values_do_not_depend_on_the_loss_convention():
     sum_rows, _ = _run("sum")
     for key in ("coord/sum_sigma_sq", "coord/sum_mu_sq", "coord/sum_mu_sq_over_sigma", "coord/frac_small_batch"):
         assert sum_rows[-1][key] == pytest.approx(mean_rows[-1][key], rel=1e-4), key
+
+
+def test_adam_preconditioned_scale_uses_the_optimizers_eps():
+    # P = 1/(√v + ε): with ε far above √v, P is the same for every coordinate and cancels in the ratio, so the
+    # preconditioned noise scale is the plain one (both from the same microbatches).
+    torch.manual_seed(3)
+    scales = torch.linspace(0.1, 3.0, D)  # coordinates of very different scales: v differs between them
+    model = torch.nn.Linear(D, 1, bias=False)
+    w_star = torch.randn(D) * scales
+    adam = torch.optim.Adam(model.parameters(), lr=0.0, eps=1e6)
+    model(torch.randn(4, D)).sum().backward()
+    adam.step()  # Adam's v exists from the wrapper's first step on: both estimators see every step
+    adam.zero_grad()
+    opt = bscale.wrap(adam, microbatch_size=B_MICRO, per_coordinate=True)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(20):
+        for _ in range(K):
+            x = torch.randn(B_MICRO, D, generator=gen) * scales
+            y = x @ w_star + S * torch.randn(B_MICRO, generator=gen)
+            (0.5 * (model(x).squeeze(-1) - y).pow(2).mean() / K).backward()
+        opt.step()
+        opt.zero_grad()
+    stats = opt.stats
+    assert stats["adam_preconditioned/noise_scale"] == pytest.approx(stats["noise_scale"], rel=1e-4)

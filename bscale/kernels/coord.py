@@ -204,28 +204,37 @@ def coordinate_stats(
     grad_sums, coord_sq = list(grad_sums), list(coord_sq)
     exp_avg_sq = None if exp_avg_sq is None else list(exp_avg_sq)
     _validate(grad_sums, coord_sq, exp_avg_sq, num_microbatches, microbatch_size, eps)
+    if coord_sq:  # _validate put every tensor on coord_sq[0]'s device, so that one stands for all of them
+        backend = resolve_backend(backend, coord_sq[:1])
+    out = coordinate_stats_trusted(
+        grad_sums, coord_sq, exp_avg_sq, int(num_microbatches), float(microbatch_size), eps, snr_edges, reset, backend
+    )
+    return _pack(out, exp_avg_sq is not None)
+
+
+def coordinate_stats_trusted(
+    grad_sums: list[torch.Tensor],
+    coord_sq: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor] | None,
+    k: int,
+    b: float,
+    eps: float,
+    snr_edges: Sequence[float] | torch.Tensor | None,
+    reset: bool,
+    backend: str | None,
+) -> torch.Tensor:
+    """:func:`coordinate_stats` without argument checks, for a caller that allocated its buffers itself and
+    resolved `backend` (the optimizer wrapper, once per step): the output vector, `SLOTS` then the histogram
+    (the `precond_*` entries are 0 without `exp_avg_sq`)."""
     device = coord_sq[0].device if coord_sq else torch.device("cpu")
     edges = _edges_tensor(snr_edges, device)
-    # _validate put every tensor on coord_sq[0]'s device, so that one stands for all of them.
-    if coord_sq and resolve_backend(backend, coord_sq[:1]) == "triton":
+    if coord_sq and backend == "triton":
         from .coord_triton import coordinate_stats_triton
 
-        out = coordinate_stats_triton(
-            grad_sums, coord_sq, exp_avg_sq, int(num_microbatches), float(microbatch_size), eps, edges, reset
-        )
-    else:
-        out = _coordinate_stats_torch(
-            grad_sums,
-            coord_sq,
-            exp_avg_sq,
-            int(num_microbatches),
-            float(microbatch_size),
-            eps,
-            edges,
-            _geometric(_host_edges(snr_edges)),
-            reset,
-        )
-    return _pack(out, exp_avg_sq is not None)
+        return coordinate_stats_triton(grad_sums, coord_sq, exp_avg_sq, k, b, eps, edges, reset)
+    return _coordinate_stats_torch(
+        grad_sums, coord_sq, exp_avg_sq, k, b, eps, edges, _geometric(_host_edges(snr_edges)), reset
+    )
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
