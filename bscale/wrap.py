@@ -279,7 +279,7 @@ class ScaledOptimizer(Optimizer):
 
         self.steps = 0
         self.examples = 0.0
-        self._stats: dict[str, float] = {}
+        self._stats: dict[str, float] | None = {}  # None: built from _stats_args when asked for
         self._warned_one_microbatch = False
         self._last_batch = math.nan
         self._ref_lr_seen = 0.0
@@ -378,6 +378,7 @@ class ScaledOptimizer(Optimizer):
             out = hook(self, state_dict)
             if out is not None:
                 state_dict = out
+        self._readings()  # the readings so far stay those of the run before the load
         state_dict = dict(state_dict)
         ours = state_dict.pop("bscale", None)
         self.optimizer.load_state_dict(state_dict)
@@ -747,16 +748,17 @@ class ScaledOptimizer(Optimizer):
             return loss
         self.steps += 1
         self._finish_stats(batch, scale)
-        self._dp.check_same(self._stats)  # debug=True only: every rank must hold these exact readings
+        if self._dp.debug:
+            self._dp.check_same(self._readings())  # every rank must hold these exact readings
         if self.controller is not None:
-            self.controller.observe(self._stats)
+            self.controller.observe(self._readings())
             try:
                 self._expected_k = self.accumulation_steps()
             except (RuntimeError, ValueError):
                 self._expected_k = None  # not a whole number of microbatches: read after every backward
         if self.loggers and self.steps % self.log_every == 0:
             for logger in self.loggers:
-                logger.log(self._stats, self.steps)
+                logger.log(self._readings(), self.steps)
         self._reset_step_stats()
         return loss
 
@@ -976,22 +978,38 @@ class ScaledOptimizer(Optimizer):
     # ---- readings -------------------------------------------------------------------------------------------------
 
     def _finish_stats(self, batch: float, scale: float) -> None:
+        """The step's counters; its readings are built from them when first asked for (:meth:`_readings`), so a
+        loop that reads them every N steps pays for the dict every N steps."""
         if self._step_microbatches > 0 and math.isfinite(batch):
             self.examples += batch  # a step with no backward since the last one saw no new examples
-        r = self.estimator.reading()
-        stats = r.as_dict()
-        stats.pop("steps", None)
-        stats.pop("examples", None)
         first_lr = self.param_groups[0]["lr"]
         first_lr = float(first_lr) if not isinstance(first_lr, torch.Tensor) else float(first_lr.item())
         # Default reference LR: the largest the user's schedule has reached (a scheduler's `initial_lr` counts), i.e.
         # the tuned peak, so the report follows neither a warmup up from zero nor a decay down to it.
         self._ref_lr_seen = max(self._ref_lr_seen, first_lr, float(self.param_groups[0].get("initial_lr", 0.0)))
-        ref_lr = self.ref_lr if self.ref_lr is not None else self._ref_lr_seen
-        B_noise = r.noise_scale
         if self.ref_batch is None and math.isfinite(batch):
             # The documented default, also without a rule: optimal_lr is relative to the first step's batch.
             self.ref_batch = batch
+        microbatches = getattr(self, "_step_microbatches", float(len(self._sizes) * self._dp.world_size))
+        # Everything else the readings show changes only in the next step().
+        self._stats_args = (batch, scale, first_lr, microbatches, self.examples, self.steps)
+        self._stats = None
+
+    def _readings(self) -> dict[str, float]:
+        """The latest step's readings (the dict itself, built at most once per step)."""
+        if self._stats is None:
+            self._stats = self._build_stats(*self._stats_args)
+        return self._stats
+
+    def _build_stats(
+        self, batch: float, scale: float, first_lr: float, microbatches: float, examples: float, steps: int
+    ) -> dict[str, float]:
+        r = self.estimator.reading()
+        stats = r.as_dict()
+        stats.pop("steps", None)
+        stats.pop("examples", None)
+        ref_lr = self.ref_lr if self.ref_lr is not None else self._ref_lr_seen
+        B_noise = r.noise_scale
         ref_batch = self.ref_batch if self.ref_batch is not None else batch
         if B_noise and math.isfinite(batch) and B_noise > 0:
             # The laws' float forms (bit-identical to laws.lr_scale & co., without numpy's per-call checks).
@@ -1004,9 +1022,9 @@ class ScaledOptimizer(Optimizer):
         raw = self.estimator.raw
         stats.update(
             batch_size=batch,
-            microbatches=getattr(self, "_step_microbatches", float(len(self._sizes) * self._dp.world_size)),
-            examples=self.examples,
-            steps=float(self.steps),
+            microbatches=microbatches,
+            examples=examples,
+            steps=float(steps),
             lr_scale=scale,
             lr=first_lr * scale,
             optimal_lr=opt,
@@ -1022,7 +1040,7 @@ class ScaledOptimizer(Optimizer):
             stats[f"{key}/noise_scale"] = math.nan if rr.noise_scale is None else rr.noise_scale
             stats[f"{key}/noise_scale_stderr"] = math.nan if rr.noise_scale_stderr is None else rr.noise_scale_stderr
         stats.update(getattr(self, "_coord", {}))
-        self._stats = stats
+        return stats
 
     @property
     def stats(self) -> dict[str, float]:
@@ -1030,7 +1048,7 @@ class ScaledOptimizer(Optimizer):
         ``noise_scale_stderr``, ``grad_sq``, ``trace_sigma`` (unscaled, per-example units), ``batch_size``,
         ``examples``, ``steps``, ``lr_scale``, ``lr``, ``optimal_lr``, ``peak_batch`` (Adam's surge peak, or inf for
         SGD) and ``balance_batch`` (B_noise, where steps and examples trade evenly)."""
-        return dict(self._stats)
+        return dict(self._readings())
 
     @property
     def noise_scale(self) -> float | None:

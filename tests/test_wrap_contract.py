@@ -170,6 +170,26 @@ def test_held_gradients_are_normed_when_bucket_mb_fills_and_become_grad_without_
     assert 100 <= peaks[100 / 2**20] < 100 + 4 * 35  # the bucket, overfilled by at most one gradient
 
 
+def test_readings_are_the_same_read_every_step_or_once():
+    data = _data(5, 3)
+    every, once = [], None
+    for read_each in (True, False):
+        model = _model()
+        opt = wrap(torch.optim.Adam(model.parameters(), lr=1e-2), microbatch_size=4, rule="sqrt", ref_lr=1e-2)
+        for microbatches in data:
+            _backward(model, microbatches)
+            opt.step()
+            opt.zero_grad()
+            if read_each:
+                every.append(opt.stats)
+        once = opt.stats
+        again = opt.stats  # built once, then the same until the next step
+        assert all(_same_float(again[k], once[k]) for k in once)
+    assert set(once) == set(every[-1])
+    assert all(_same_float(once[k], every[-1][k]) for k in once)
+    assert once["steps"] == 5.0 and every[0]["steps"] == 1.0 and every[0] != every[-1]
+
+
 # ---- matches the bare optimizer when scaling is off --------------------------------------------------------
 
 
