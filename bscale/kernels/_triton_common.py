@@ -19,17 +19,28 @@ def load_f32(addr, offs, mask, code, ALIGNED: tl.constexpr):
     One kernel serves a bucket of mixed dtypes: the branch is on a per-tensor scalar, so every lane of a
     program takes the same one.
     """
-    if ALIGNED:
-        # Every address in the table is 16-byte aligned (checked on the host): allows vector loads.
-        addr = tl.multiple_of(addr, 16)
+    # ALIGNED: every address in the table is 16-byte aligned (checked on the host). Said of each pointer (an
+    # address loaded from a table tells the compiler nothing), it lets the loads be 16-byte vector loads.
     if code == 0:
-        x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+        p_f32 = addr.to(tl.pointer_type(tl.float32))  # a name per type: branches may not retype a variable
+        if ALIGNED:
+            p_f32 = tl.multiple_of(p_f32, 16)
+        x = tl.load(p_f32 + offs, mask=mask, other=0.0)
     elif code == 1:
-        x = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask, other=0.0).to(tl.float32)
+        p_bf16 = addr.to(tl.pointer_type(tl.bfloat16))  # a name per type: branches may not retype a variable
+        if ALIGNED:
+            p_bf16 = tl.multiple_of(p_bf16, 16)
+        x = tl.load(p_bf16 + offs, mask=mask, other=0.0).to(tl.float32)
     elif code == 2:
-        x = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
+        p_f16 = addr.to(tl.pointer_type(tl.float16))  # a name per type: branches may not retype a variable
+        if ALIGNED:
+            p_f16 = tl.multiple_of(p_f16, 16)
+        x = tl.load(p_f16 + offs, mask=mask, other=0.0).to(tl.float32)
     else:
-        x = tl.load(addr.to(tl.pointer_type(tl.float64)) + offs, mask=mask, other=0.0).to(tl.float32)
+        p_f64 = addr.to(tl.pointer_type(tl.float64))  # a name per type: branches may not retype a variable
+        if ALIGNED:
+            p_f64 = tl.multiple_of(p_f64, 16)
+        x = tl.load(p_f64 + offs, mask=mask, other=0.0).to(tl.float32)
     return x
 
 

@@ -25,6 +25,45 @@ NUM_SCALARS = 7
 
 
 @triton.jit
+def _coord_block(
+    acc_mu2, acc_sig2, acc_ratio, acc_inside, acc_small, acc_big, acc_hist,
+    s_addr, s_code, coord, v_addr, v_code, offs, mask, edges_ptr, inv_k, var_scale, two_big_b, eps,
+    NUM_EDGES: tl.constexpr, NUM_BINS_P2: tl.constexpr, PRECOND: tl.constexpr, RESET: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """The accumulators with one block's terms (0 outside `mask`) and histogram added; zeroes `coord` there
+    when RESET."""
+    s = load_f32(s_addr, offs, mask, s_code, ALIGNED)
+    c = tl.load(coord + offs, mask=mask, other=0.0)
+    if RESET:
+        tl.store(coord + offs, tl.zeros_like(c), mask=mask)
+    mu = s * inv_k
+    m2 = c * inv_k
+    mu2 = mu * mu
+    # Rounding can make m2 - mu² slightly negative when the spread is tiny: clamp at 0.
+    sig2 = tl.maximum(m2 - mu2, 0.0) * var_scale
+    sig = tl.sqrt_rn(sig2)
+    pos = sig > 0.0
+    safe = tl.where(pos, sig, 1.0)
+    ratio = tl.where(pos, tl.div_rn(mu2, safe), 0.0)
+    snr = tl.div_rn(tl.abs(mu), safe)
+    bins = tl.zeros_like(offs).to(tl.int32)
+    for j in tl.static_range(NUM_EDGES):
+        bins += (snr >= tl.load(edges_ptr + j)).to(tl.int32)
+    bins = tl.where(pos, bins, NUM_EDGES)  # σ̂ = 0: SNR undefined or infinite, overflow bin
+    acc_hist += tl.histogram(bins, NUM_BINS_P2, mask=mask)
+    # Surge thm. 3 regime B < π σ̂² / (2 μ̂²), written without a division; μ̂ = 0 is inside.
+    acc_inside += tl.where(mask & ((mu == 0.0) | (two_big_b * mu2 < 3.141592653589793 * sig2)), 1.0, 0.0)
+    if PRECOND:
+        v = load_f32(v_addr, offs, mask, v_code, ALIGNED)
+        p = 1.0 / (tl.sqrt_rn(v) + eps)
+        p2 = p * p
+        acc_small += p2 * m2
+        acc_big += p2 * mu2
+    return acc_mu2 + mu2, acc_sig2 + sig2, acc_ratio + ratio, acc_inside, acc_small, acc_big, acc_hist
+
+
+@triton.jit
 def _coord_stats_kernel(
     table_ptr,
     chunk_ptr,
@@ -47,11 +86,14 @@ def _coord_stats_kernel(
 ):
     pid = tl.program_id(0)
     index = tl.load(chunk_ptr + 2 * pid)
-    start = tl.load(chunk_ptr + 2 * pid + 1)
+    # Chunks start at multiples of CHUNK (see chunk_table): said here, it lets the loads below be vector loads.
+    start = tl.multiple_of(tl.load(chunk_ptr + 2 * pid + 1), CHUNK)
     row = table_ptr + index * WIDTH
     s_addr = tl.load(row + 0)
     s_code = tl.load(row + 1)
     coord = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        coord = tl.multiple_of(coord, 16)
     v_addr = tl.load(row + 3)
     v_code = tl.load(row + 4)
     numel = tl.load(row + 5)
@@ -64,39 +106,23 @@ def _coord_stats_kernel(
     acc_small = tl.zeros([BLOCK], dtype=tl.float32)
     acc_big = tl.zeros([BLOCK], dtype=tl.float32)
     acc_hist = tl.zeros([NUM_BINS_P2], dtype=tl.int32)
-    for off in range(0, stop, BLOCK):
-        offs = start + off + tl.arange(0, BLOCK)
-        mask = offs < numel
-        s = load_f32(s_addr, offs, mask, s_code, ALIGNED)
-        c = tl.load(coord + offs, mask=mask, other=0.0)
-        if RESET:
-            tl.store(coord + offs, tl.zeros_like(c), mask=mask)
-        mu = s * inv_k
-        m2 = c * inv_k
-        mu2 = mu * mu
-        # Rounding can make m2 - mu² slightly negative when the spread is tiny: clamp at 0.
-        sig2 = tl.maximum(m2 - mu2, 0.0) * var_scale
-        sig = tl.sqrt_rn(sig2)
-        pos = sig > 0.0
-        safe = tl.where(pos, sig, 1.0)
-        acc_mu2 += mu2
-        acc_sig2 += sig2
-        acc_ratio += tl.where(pos, tl.div_rn(mu2, safe), 0.0)
-        snr = tl.div_rn(tl.abs(mu), safe)
-        bins = tl.zeros([BLOCK], dtype=tl.int32)
-        for j in tl.static_range(NUM_EDGES):
-            bins += (snr >= tl.load(edges_ptr + j)).to(tl.int32)
-        bins = tl.where(pos, bins, NUM_EDGES)  # σ̂ = 0: SNR undefined or infinite, overflow bin
-        acc_hist += tl.histogram(bins, NUM_BINS_P2, mask=mask)
-        # Surge thm. 3 regime B < π σ̂² / (2 μ̂²), written without a division; μ̂ = 0 is inside.
-        inside = (mu == 0.0) | (two_big_b * mu2 < 3.141592653589793 * sig2)
-        acc_inside += tl.where(mask & inside, 1.0, 0.0)
-        if PRECOND:
-            v = load_f32(v_addr, offs, mask, v_code, ALIGNED)
-            p = 1.0 / (tl.sqrt_rn(v) + eps)
-            p2 = p * p
-            acc_small += p2 * m2
-            acc_big += p2 * mu2
+    # Whole blocks with a mask that is the same for every element (so the loads can be vector loads), then the
+    # last partial block, masked per element.
+    whole = stop - stop % BLOCK
+    everywhere = tl.full([BLOCK], True, tl.int1)
+    for off in range(0, whole, BLOCK):
+        acc_mu2, acc_sig2, acc_ratio, acc_inside, acc_small, acc_big, acc_hist = _coord_block(
+            acc_mu2, acc_sig2, acc_ratio, acc_inside, acc_small, acc_big, acc_hist,
+            s_addr, s_code, coord, v_addr, v_code, start + off + tl.arange(0, BLOCK), everywhere, edges_ptr,
+            inv_k, var_scale, two_big_b, eps, NUM_EDGES, NUM_BINS_P2, PRECOND, RESET, ALIGNED,
+        )  # fmt: skip
+    if whole < stop:
+        offs = start + whole + tl.arange(0, BLOCK)
+        acc_mu2, acc_sig2, acc_ratio, acc_inside, acc_small, acc_big, acc_hist = _coord_block(
+            acc_mu2, acc_sig2, acc_ratio, acc_inside, acc_small, acc_big, acc_hist,
+            s_addr, s_code, coord, v_addr, v_code, offs, offs < numel, edges_ptr,
+            inv_k, var_scale, two_big_b, eps, NUM_EDGES, NUM_BINS_P2, PRECOND, RESET, ALIGNED,
+        )  # fmt: skip
 
     tl.atomic_add(out_ptr + 0, tl.sum(acc_mu2, axis=0))
     tl.atomic_add(out_ptr + 1, tl.sum(acc_sig2, axis=0))

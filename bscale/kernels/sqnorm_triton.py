@@ -24,6 +24,17 @@ _WIDTH = 5
 
 
 @triton.jit
+def _sq_block(addr, coord, offs, mask, code, COORD: tl.constexpr, ALIGNED: tl.constexpr):
+    """Squares of one block as float32 (0 outside `mask`), added into `coord` too when COORD."""
+    x = load_f32(addr, offs, mask, code, ALIGNED)
+    sq = x * x
+    if COORD:
+        c = tl.load(coord + offs, mask=mask, other=0.0)
+        tl.store(coord + offs, c + sq, mask=mask)
+    return sq
+
+
+@triton.jit
 def _sq_norm_kernel(
     table_ptr,
     chunk_ptr,
@@ -38,23 +49,26 @@ def _sq_norm_kernel(
 ):
     pid = tl.program_id(0)
     index = tl.load(chunk_ptr + 2 * pid)
-    start = tl.load(chunk_ptr + 2 * pid + 1)
+    # Chunks start at multiples of CHUNK (see chunk_table): said here, it lets the loads below be vector loads.
+    start = tl.multiple_of(tl.load(chunk_ptr + 2 * pid + 1), CHUNK)
     row = table_ptr + index * WIDTH
     addr = tl.load(row + 0)
     numel = tl.load(row + 1)
     code = tl.load(row + 2)
     stop = tl.minimum(numel - start, CHUNK)
+    coord = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        coord = tl.multiple_of(coord, 16)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for off in range(0, stop, BLOCK):
-        offs = start + off + tl.arange(0, BLOCK)
-        mask = offs < numel
-        x = load_f32(addr, offs, mask, code, ALIGNED)
-        sq = x * x
-        acc += sq
-        if COORD:
-            coord = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-            c = tl.load(coord + offs, mask=mask, other=0.0)
-            tl.store(coord + offs, c + sq, mask=mask)
+    # Whole blocks with a mask that is the same for every element (so the loads can be vector loads), then the
+    # last partial block, masked per element.
+    whole = stop - stop % BLOCK
+    everywhere = tl.full([BLOCK], True, tl.int1)
+    for off in range(0, whole, BLOCK):
+        acc += _sq_block(addr, coord, start + off + tl.arange(0, BLOCK), everywhere, code, COORD, ALIGNED)
+    if whole < stop:
+        offs = start + whole + tl.arange(0, BLOCK)
+        acc += _sq_block(addr, coord, offs, offs < numel, code, COORD, ALIGNED)
     slot = tl.load(slots_ptr + index * slots_stride)
     tl.atomic_add(out_ptr + slot, tl.sum(acc, axis=0))
 
