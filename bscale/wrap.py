@@ -69,6 +69,19 @@ def _check_positive(name: str, value: Any, integer: bool = False, unit: str = "e
         raise ValueError(f"Invalid {name}: {value!r}; it must be {kind}" + (f" of {unit}" if unit else ""))
 
 
+def _foreach_normable(g: torch.Tensor) -> bool:
+    """`_foreach_norm(..., dtype=float32)` takes it: dense, and not float64 (which it will not narrow)."""
+    return g.dtype != torch.float64 and not g.is_sparse
+
+
+def _sparse_norm(g: torch.Tensor) -> torch.Tensor:
+    """0-d float32 L2 norm of a sparse COO gradient: of its coalesced values (repeated indices summed first)."""
+    values = g.coalesce().values()
+    if values.dtype == torch.float64:
+        return torch.linalg.vector_norm(values).float()
+    return torch.linalg.vector_norm(values, dtype=torch.float32)
+
+
 class ScaledOptimizer(Optimizer):
     r"""Wraps a ``torch.optim`` optimizer to measure the gradient noise scale live and scale its learning rate.
 
@@ -441,6 +454,9 @@ class ScaledOptimizer(Optimizer):
                 if opt is not None:
                     if not opt._in_backward:
                         opt._begin_backward()
+                    if grad.is_sparse:
+                        opt._on_sparse_grad(grad, slot)
+                        return
                     # .data: an alias with a TensorImpl of its own (so AccumulateGrad can still adopt the gradient
                     # as .grad without a copy), made without an op dispatch, unlike detach().
                     held_append(grad.data)
@@ -463,9 +479,22 @@ class ScaledOptimizer(Optimizer):
         # Runs once when this backward finishes, before DDP's own end-of-backward work (queued later).
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
+    def _on_sparse_grad(self, grad: torch.Tensor, slot: int) -> None:
+        """A sparse gradient (``nn.Embedding(sparse=True)``): the norm of its coalesced values, taken now."""
+        if self.per_coordinate:
+            raise RuntimeError(
+                "bscale: per_coordinate=True needs dense gradients, and a parameter got a sparse one "
+                "(nn.Embedding(sparse=True) or similar): wrap without per_coordinate, or make that gradient dense"
+            )
+        self._step_norms.append(_sparse_norm(grad))
+        self._step_norm_slots.append(slot)
+
     def _on_grad(self, grad: torch.Tensor, slot: int) -> None:
         if not self._in_backward:
             self._begin_backward()
+        if grad.is_sparse:
+            self._on_sparse_grad(grad, slot)
+            return
         # A detached alias keeps AccumulateGrad free to adopt the gradient as .grad without a copy.
         g = grad.detach()
         if self._backend_for(g.device) == "torch":
@@ -618,7 +647,7 @@ class ScaledOptimizer(Optimizer):
         device = grads[present[0]].device
         self._ensure_sums(device)
         backend = self._backend_for(device)
-        if len(present) == len(grads) and backend == "torch" and all(g.dtype != torch.float64 for g in grads):
+        if len(present) == len(grads) and backend == "torch" and all(_foreach_normable(g) for g in grads):
             # Every parameter has a gradient (the usual case): these norms and the microbatches' go into the sums
             # together, in four ops for all of them (each op run as a backward ends costs ~10x its time alone).
             if self._have_big:  # read before in this step (more backwards followed): replaced, not added to

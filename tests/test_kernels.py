@@ -266,3 +266,21 @@ def test_triton_kernels_compile_for_nvidia_gpus_with_vector_loads():
             assert vector_loads > 0, row
         else:
             assert vector_loads == 0, row  # unaligned: element loads (what the host check is for)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_tensors_count_by_their_coalesced_values(backend, seed):
+    # Index 2 appears twice: its rows add up before squaring, as in the dense gradient.
+    indices = torch.tensor([[0, 2, 2, 5]])
+    values = torch.randn(4, 3)
+    sparse = torch.sparse_coo_tensor(indices, values, (7, 3), check_invariants=True)
+    dense = torch.randn(9)
+    got = K.sq_norms([sparse, dense], backend=backend)
+    assert_close_verbose(
+        got, K.sq_norms_reference([sparse.to_dense(), dense]), rtol=ACCUM_RTOL, atol=0, what=f"sparse seed={seed}"
+    )
+    out = torch.zeros(2)
+    K.accumulate_sq_norms([sparse, dense], out, [1, 0], backend=backend)
+    assert_close_verbose(out, got.flip(0), rtol=ACCUM_RTOL, atol=0, what=f"sparse accumulate seed={seed}")
+    with pytest.raises(ValueError, match="sparse"):
+        K.accumulate_sq_norms([sparse], torch.zeros(1), [0], coord_sq=[torch.zeros(7, 3)], backend=backend)

@@ -190,6 +190,39 @@ def test_readings_are_the_same_read_every_step_or_once():
     assert once["steps"] == 5.0 and every[0]["steps"] == 1.0 and every[0] != every[-1]
 
 
+def _embedding_run(sparse: bool, make_opt, head: bool = True, **wrap_kwargs) -> dict[str, float]:
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(100, 8, sparse=sparse)
+    lin = torch.nn.Linear(8, 3)
+    params = list(emb.parameters()) + (list(lin.parameters()) if head else [])
+    opt = wrap(make_opt(params), microbatch_size=4, **wrap_kwargs)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for _ in range(3):
+            h = emb(torch.randint(100, (4, 6), generator=g))
+            (lin(h) if head else h).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return opt.stats
+
+
+def test_sparse_gradients_are_measured_like_dense_ones():
+    # nn.Embedding(sparse=True): the norm of a sparse gradient is that of its coalesced values (rows looked up
+    # twice in a microbatch add up first), so the readings equal the dense embedding's on the same data.
+    dense = _embedding_run(False, lambda p: torch.optim.SGD(p, lr=0.0))
+    sparse = _embedding_run(True, lambda p: torch.optim.SGD(p, lr=0.0))
+    for key in ("grad_sq", "trace_sigma", "noise_scale"):
+        assert sparse[key] == pytest.approx(dense[key], rel=1e-6), key
+    # SparseAdam takes sparse gradients only: it can be wrapped too.
+    adam = _embedding_run(True, lambda p: torch.optim.SparseAdam(p, lr=1e-3), head=False)
+    assert math.isfinite(adam["noise_scale"]) and adam["steps"] == 5.0
+
+
+def test_sparse_gradients_with_per_coordinate_mode_say_what_to_change():
+    with pytest.raises(RuntimeError, match="per_coordinate=True needs dense gradients"):
+        _embedding_run(True, lambda p: torch.optim.SGD(p, lr=0.0), per_coordinate=True)
+
+
 # ---- matches the bare optimizer when scaling is off --------------------------------------------------------
 
 

@@ -19,6 +19,8 @@ def _check_coord_sq(tensors: Sequence[torch.Tensor], coord_sq: Sequence[torch.Te
     if len(coord_sq) != len(tensors):
         raise ValueError(f"coord_sq has {len(coord_sq)} tensors for {len(tensors)} gradients; pass one per gradient")
     for i, (t, c) in enumerate(zip(tensors, coord_sq, strict=True)):
+        if t.is_sparse:
+            raise ValueError(f"tensors[{i}] is sparse; coord_sq needs dense gradients: pass it with .to_dense()")
         if c.dtype != torch.float32 or c.shape != t.shape or c.device != t.device:
             raise ValueError(
                 f"coord_sq[{i}] must be float32 of shape {tuple(t.shape)} on {t.device}, got {c.dtype} "
@@ -127,6 +129,14 @@ def _squared_norms_torch(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(norms).square_()
 
 
+def _densify(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A sparse COO tensor's squared norm is that of its coalesced values (repeated indices summed first): those
+    values stand in for it. Dense tensors are passed as they are."""
+    if not any(t.is_sparse for t in tensors):
+        return tensors
+    return [t.coalesce().values() if t.is_sparse else t for t in tensors]
+
+
 def _check_out_slots(tensors: Sequence[torch.Tensor], out: torch.Tensor, slots: torch.Tensor | Sequence[int]) -> None:
     if out.dtype != torch.float32 or out.dim() != 1 or not out.is_contiguous():
         raise ValueError(
@@ -173,7 +183,8 @@ def accumulate_sq_norms(
     coordinate for :func:`coordinate_stats`.
 
     Tensors may mix shapes and dtypes (float32, bfloat16, float16, float64) and may be non-contiguous: dense
-    layouts (transposed, channels-last) are read in place, other views are copied once. Slots may repeat
+    layouts (transposed, channels-last) are read in place, other views are copied once. A sparse COO tensor
+    counts by its coalesced values (not with `coord_sq`). Slots may repeat
     (their contributions add). On Triton the whole bucket is one launch; partial sums land by atomics, so the
     last bits can vary between runs. A slot index outside `out` in a *device* `slots` tensor is not checked
     (that would need a host sync).
@@ -205,6 +216,7 @@ def accumulate_sq_norms_trusted(
 ) -> None:
     """:func:`accumulate_sq_norms` without argument checks, for a caller that validated its buffers once and
     resolved `backend` to "torch" or "triton" (the optimizer wrapper, once per microbatch)."""
+    tensors = _densify(tensors)
     if backend == "triton":
         from .sqnorm_triton import accumulate_sq_norms_triton
 
@@ -250,6 +262,7 @@ def sq_norms(tensors: Sequence[torch.Tensor], *, backend: str | None = None) -> 
     for i, t in enumerate(tensors):
         if t.device != device:
             raise ValueError(f"tensors[{i}] is on {t.device}, tensors[0] on {device}; move them to one device")
+    tensors = _densify(tensors)
     if resolve_backend(backend, tensors) == "triton":
         from .sqnorm_triton import sq_norms_triton
 
