@@ -70,13 +70,16 @@ def _check_positive(name: str, value: Any, integer: bool = False, unit: str = "e
 
 
 def _foreach_normable(g: torch.Tensor) -> bool:
-    """`_foreach_norm(..., dtype=float32)` takes it: dense, and not float64 (which it will not narrow)."""
-    return g.dtype != torch.float64 and not g.is_sparse
+    """`_foreach_norm(..., dtype=float32)` takes it: dense, real, and not float64 (which it will not narrow)."""
+    return g.dtype != torch.float64 and not g.is_sparse and not g.is_complex()
 
 
-def _sparse_norm(g: torch.Tensor) -> torch.Tensor:
-    """0-d float32 L2 norm of a sparse COO gradient: of its coalesced values (repeated indices summed first)."""
-    values = g.coalesce().values()
+def _unusual_norm(g: torch.Tensor) -> torch.Tensor:
+    """0-d float32 L2 norm of a sparse COO gradient (of its coalesced values: repeated indices summed first) or
+    of a complex one (of its real and imaginary parts)."""
+    values = g.coalesce().values() if g.is_sparse else g
+    if values.is_complex():
+        values = torch.view_as_real(values)
     if values.dtype == torch.float64:
         return torch.linalg.vector_norm(values).float()
     return torch.linalg.vector_norm(values, dtype=torch.float32)
@@ -454,8 +457,8 @@ class ScaledOptimizer(Optimizer):
                 if opt is not None:
                     if not opt._in_backward:
                         opt._begin_backward()
-                    if grad.is_sparse:
-                        opt._on_sparse_grad(grad, slot)
+                    if grad.is_sparse or grad.is_complex():
+                        opt._on_unusual_grad(grad, slot)
                         return
                     # .data: an alias with a TensorImpl of its own (so AccumulateGrad can still adopt the gradient
                     # as .grad without a copy), made without an op dispatch, unlike detach().
@@ -479,21 +482,22 @@ class ScaledOptimizer(Optimizer):
         # Runs once when this backward finishes, before DDP's own end-of-backward work (queued later).
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
-    def _on_sparse_grad(self, grad: torch.Tensor, slot: int) -> None:
-        """A sparse gradient (``nn.Embedding(sparse=True)``): the norm of its coalesced values, taken now."""
+    def _on_unusual_grad(self, grad: torch.Tensor, slot: int) -> None:
+        """A sparse gradient (``nn.Embedding(sparse=True)``) or a complex one: its norm, taken now."""
         if self.per_coordinate:
+            kind = "a sparse one (nn.Embedding(sparse=True) or similar)" if grad.is_sparse else "a complex one"
             raise RuntimeError(
-                "bscale: per_coordinate=True needs dense gradients, and a parameter got a sparse one "
-                "(nn.Embedding(sparse=True) or similar): wrap without per_coordinate, or make that gradient dense"
+                f"bscale: per_coordinate=True needs dense real gradients, and a parameter got {kind}: wrap "
+                "without per_coordinate, or give that parameter a dense real gradient"
             )
-        self._step_norms.append(_sparse_norm(grad))
+        self._step_norms.append(_unusual_norm(grad))
         self._step_norm_slots.append(slot)
 
     def _on_grad(self, grad: torch.Tensor, slot: int) -> None:
         if not self._in_backward:
             self._begin_backward()
-        if grad.is_sparse:
-            self._on_sparse_grad(grad, slot)
+        if grad.is_sparse or grad.is_complex():
+            self._on_unusual_grad(grad, slot)
             return
         # A detached alias keeps AccumulateGrad free to adopt the gradient as .grad without a copy.
         g = grad.detach()

@@ -284,3 +284,11 @@ def test_sparse_tensors_count_by_their_coalesced_values(backend, seed):
     assert_close_verbose(out, got.flip(0), rtol=ACCUM_RTOL, atol=0, what=f"sparse accumulate seed={seed}")
     with pytest.raises(ValueError, match="sparse"):
         K.accumulate_sq_norms([sparse], torch.zeros(1), [0], coord_sq=[torch.zeros(7, 3)], backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_complex_tensors_count_by_their_real_view(backend, seed):
+    z = torch.randn(5, 3, dtype=torch.complex64)
+    got = K.sq_norms([z], backend=backend)
+    want = torch.tensor([float((z.abs() ** 2).double().sum())], dtype=torch.float64)
+    assert_close_verbose(got, want, rtol=ACCUM_RTOL, atol=0, what=f"complex seed={seed}")

@@ -219,8 +219,31 @@ def test_sparse_gradients_are_measured_like_dense_ones():
 
 
 def test_sparse_gradients_with_per_coordinate_mode_say_what_to_change():
-    with pytest.raises(RuntimeError, match="per_coordinate=True needs dense gradients"):
+    with pytest.raises(RuntimeError, match="per_coordinate=True needs dense real gradients"):
         _embedding_run(True, lambda p: torch.optim.SGD(p, lr=0.0), per_coordinate=True)
+
+
+def _complex_run(complex_param: bool, **wrap_kwargs) -> dict[str, float]:
+    torch.manual_seed(0)
+    w0 = torch.randn(8, dtype=torch.complex64)
+    w = torch.nn.Parameter(w0 if complex_param else torch.view_as_real(w0).clone())
+    opt = wrap(torch.optim.SGD([w], lr=0.0), microbatch_size=4, **wrap_kwargs)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        for _ in range(2):
+            x = torch.randn(4, 8, dtype=torch.complex64, generator=g)
+            ((x @ (w if complex_param else torch.view_as_complex(w))).abs() ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return opt.stats
+
+
+def test_complex_parameters_are_measured_like_their_real_view():
+    cplx, real = _complex_run(True), _complex_run(False)
+    for key in ("grad_sq", "trace_sigma", "noise_scale"):
+        assert cplx[key] == pytest.approx(real[key], rel=1e-6), key
+    with pytest.raises(RuntimeError, match="got a complex one"):
+        _complex_run(True, per_coordinate=True)
 
 
 # ---- matches the bare optimizer when scaling is off --------------------------------------------------------

@@ -19,8 +19,11 @@ def _check_coord_sq(tensors: Sequence[torch.Tensor], coord_sq: Sequence[torch.Te
     if len(coord_sq) != len(tensors):
         raise ValueError(f"coord_sq has {len(coord_sq)} tensors for {len(tensors)} gradients; pass one per gradient")
     for i, (t, c) in enumerate(zip(tensors, coord_sq, strict=True)):
-        if t.is_sparse:
-            raise ValueError(f"tensors[{i}] is sparse; coord_sq needs dense gradients: pass it with .to_dense()")
+        if t.is_sparse or t.is_complex():
+            raise ValueError(
+                f"tensors[{i}] is sparse or complex; coord_sq needs dense real gradients (.to_dense(), "
+                "torch.view_as_real)"
+            )
         if c.dtype != torch.float32 or c.shape != t.shape or c.device != t.device:
             raise ValueError(
                 f"coord_sq[{i}] must be float32 of shape {tuple(t.shape)} on {t.device}, got {c.dtype} "
@@ -130,11 +133,12 @@ def _squared_norms_torch(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _densify(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """A sparse COO tensor's squared norm is that of its coalesced values (repeated indices summed first): those
-    values stand in for it. Dense tensors are passed as they are."""
-    if not any(t.is_sparse for t in tensors):
+    """A sparse COO tensor's squared norm is that of its coalesced values (repeated indices summed first), a
+    complex tensor's that of its real view: those stand in for it. Dense real tensors are passed as they are."""
+    if not any(t.is_sparse or t.is_complex() for t in tensors):
         return tensors
-    return [t.coalesce().values() if t.is_sparse else t for t in tensors]
+    out = [t.coalesce().values() if t.is_sparse else t for t in tensors]
+    return [torch.view_as_real(t) if t.is_complex() else t for t in out]
 
 
 def _check_out_slots(tensors: Sequence[torch.Tensor], out: torch.Tensor, slots: torch.Tensor | Sequence[int]) -> None:
@@ -184,7 +188,7 @@ def accumulate_sq_norms(
 
     Tensors may mix shapes and dtypes (float32, bfloat16, float16, float64) and may be non-contiguous: dense
     layouts (transposed, channels-last) are read in place, other views are copied once. A sparse COO tensor
-    counts by its coalesced values (not with `coord_sq`). Slots may repeat
+    counts by its coalesced values, a complex one by its real view (neither with `coord_sq`). Slots may repeat
     (their contributions add). On Triton the whole bucket is one launch; partial sums land by atomics, so the
     last bits can vary between runs. A slot index outside `out` in a *device* `slots` tensor is not checked
     (that would need a host sync).
