@@ -20,7 +20,7 @@ from .distributed import DataParallel
 from .estimate import NoiseScaleEstimator
 from .kernels import resolve_backend
 from .kernels.coord import SLOTS, coordinate_stats_trusted
-from .kernels.sqnorm import accumulate_sq_norms_trusted
+from .kernels.sqnorm import accumulate_sq_norms_trusted, dense_values
 
 if TYPE_CHECKING:
     from .distributed import PendingReduce
@@ -77,9 +77,7 @@ def _foreach_normable(g: torch.Tensor) -> bool:
 def _unusual_norm(g: torch.Tensor) -> torch.Tensor:
     """0-d float32 L2 norm of a sparse COO gradient (of its coalesced values: repeated indices summed first) or
     of a complex one (of its real and imaginary parts)."""
-    values = g.coalesce().values() if g.is_sparse else g
-    if values.is_complex():
-        values = torch.view_as_real(values)
+    (values,) = dense_values([g])
     if values.dtype == torch.float64:
         return torch.linalg.vector_norm(values).float()
     return torch.linalg.vector_norm(values, dtype=torch.float32)

@@ -132,7 +132,7 @@ def _squared_norms_torch(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(norms).square_()
 
 
-def _densify(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def dense_values(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """A sparse COO tensor's squared norm is that of its coalesced values (repeated indices summed first), a
     complex tensor's that of its real view: those stand in for it. Dense real tensors are passed as they are."""
     if not any(t.is_sparse or t.is_complex() for t in tensors):
@@ -220,7 +220,7 @@ def accumulate_sq_norms_trusted(
 ) -> None:
     """:func:`accumulate_sq_norms` without argument checks, for a caller that validated its buffers once and
     resolved `backend` to "torch" or "triton" (the optimizer wrapper, once per microbatch)."""
-    tensors = _densify(tensors)
+    tensors = dense_values(tensors)
     if backend == "triton":
         from .sqnorm_triton import accumulate_sq_norms_triton
 
@@ -266,7 +266,7 @@ def sq_norms(tensors: Sequence[torch.Tensor], *, backend: str | None = None) -> 
     for i, t in enumerate(tensors):
         if t.device != device:
             raise ValueError(f"tensors[{i}] is on {t.device}, tensors[0] on {device}; move them to one device")
-    tensors = _densify(tensors)
+    tensors = dense_values(tensors)
     if resolve_backend(backend, tensors) == "triton":
         from .sqnorm_triton import sq_norms_triton
 
