@@ -16,7 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import laws
-from .distributed import DataParallel
+from .distributed import DataParallel, _is_dtensor
 from .estimate import NoiseScaleEstimator
 from .kernels import resolve_backend
 from .kernels.coord import SLOTS, coordinate_stats_trusted
@@ -283,6 +283,8 @@ class ScaledOptimizer(Optimizer):
         self._held_bytes = 0  # ... and their bytes
         self._peak_held_bytes = 0
         self._in_backward = False
+        self._skipping = False  # inside torch.autograd.grad(): hooks ignored until it ends
+        self._grad_accumulators: dict[int, Any] = {}  # slot -> its parameter's AccumulateGrad node
         self._reduce: PendingReduce | None = None  # the step's all-reduce in flight (torch.distributed)
         self._reduce_k = 0  # ... and the local microbatch count it carries
         self._ride_out: torch.Tensor | None = None  # ddp=: the statistics reduced with DDP's last bucket
@@ -452,9 +454,9 @@ class ScaledOptimizer(Optimizer):
 
             def held_hook(grad: torch.Tensor) -> None:
                 opt = ref()
-                if opt is not None:
-                    if not opt._in_backward:
-                        opt._begin_backward()
+                if opt is not None and not opt._skipping:
+                    if not opt._in_backward and not opt._begin_backward(slot):
+                        return
                     if grad.is_sparse or grad.is_complex():
                         opt._on_unusual_grad(grad, slot)
                         return
@@ -470,15 +472,45 @@ class ScaledOptimizer(Optimizer):
 
         def hook(grad: torch.Tensor) -> None:
             opt = ref()
-            if opt is not None:
+            if opt is not None and not opt._skipping:
                 opt._on_grad(grad, slot)
 
         return hook
 
-    def _begin_backward(self) -> None:
+    def _begin_backward(self, slot: int) -> bool:
+        """At the first hook of a graph task: True for a backward that accumulates into ``.grad`` (a microbatch),
+        False for ``torch.autograd.grad()``, whose hooks are then ignored until it ends (a gradient penalty
+        computed that way is not a microbatch)."""
+        engine = torch.autograd.Variable._execution_engine
+        if not self._accumulates(slot):
+            self._skipping = True
+            engine.queue_callback(self._end_skipping)
+            return False
         self._in_backward = True
         # Runs once when this backward finishes, before DDP's own end-of-backward work (queued later).
-        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        engine.queue_callback(self._end_backward)
+        return True
+
+    def _end_skipping(self) -> None:
+        self._skipping = False
+
+    def _accumulates(self, slot: int) -> bool:
+        """Whether the running graph task accumulates into parameter ``slot``'s ``.grad``."""
+        if slot not in self._grad_accumulators:
+            p = self._params[slot]
+            # FSDP2 calls the hook with the unsharded parameter's gradient: the sharded one's node never runs.
+            node = None if _is_dtensor(p) else torch.autograd.graph.get_gradient_edge(p).node
+            self._grad_accumulators[slot] = node  # kept: the same node serves every graph of this parameter
+        node = self._grad_accumulators[slot]
+        if node is None:
+            return True
+        try:
+            return torch._C._will_engine_execute_node(node)
+        except RuntimeError as e:
+            # torch refuses to answer for a leaf while autograd.grad() runs: that is the one case answered False.
+            if "autograd.grad" in str(e):
+                return False
+            raise
 
     def _on_unusual_grad(self, grad: torch.Tensor, slot: int) -> None:
         """A sparse gradient (``nn.Embedding(sparse=True)``) or a complex one: its norm, taken now."""
@@ -492,8 +524,8 @@ class ScaledOptimizer(Optimizer):
         self._step_norm_slots.append(slot)
 
     def _on_grad(self, grad: torch.Tensor, slot: int) -> None:
-        if not self._in_backward:
-            self._begin_backward()
+        if not self._in_backward and not self._begin_backward(slot):
+            return
         if grad.is_sparse or grad.is_complex():
             self._on_unusual_grad(grad, slot)
             return
@@ -735,6 +767,7 @@ class ScaledOptimizer(Optimizer):
         self._held_bytes = 0
         self._pending_bytes = 0
         self._in_backward = False
+        self._skipping = False  # an autograd.grad() that raised never ran its end callback
         self._sizes: list[float] = []
         # Persistent device buffer (two float32 per parameter tensor), zeroed rather than reallocated.
         if self._sums is not None:

@@ -246,6 +246,28 @@ def test_complex_parameters_are_measured_like_their_real_view():
         _complex_run(True, per_coordinate=True)
 
 
+def test_autograd_grad_inside_the_loop_is_not_a_microbatch():
+    # A gradient penalty taken with torch.autograd.grad (create_graph) runs the parameters' hooks too, but
+    # accumulates nothing into .grad: only the backward() counts. Weighted 0, it leaves the readings unchanged.
+    data = _data(3, 2)
+    readings = {}
+    for penalty in (False, True):
+        model = _model()
+        opt = wrap(torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=4)
+        for microbatches in data:
+            for x, y in microbatches:
+                loss = ((model(x) - y) ** 2).mean() / 2
+                if penalty:
+                    grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+                    loss = loss + 0.0 * sum(g.pow(2).sum() for g in grads)
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+        readings[penalty] = opt.stats
+    assert readings[True]["microbatches"] == 2.0
+    assert all(_same_float(readings[True][k], readings[False][k]) for k in readings[False])
+
+
 # ---- matches the bare optimizer when scaling is off --------------------------------------------------------
 
 
