@@ -512,6 +512,8 @@ class ScaledOptimizer(Optimizer):
                 return False
             raise
 
+    # The statistics' ops run without autograd: backward(create_graph=True) leaves .grad differentiable.
+    @torch.no_grad()
     def _on_unusual_grad(self, grad: torch.Tensor, slot: int) -> None:
         """A sparse gradient (``nn.Embedding(sparse=True)``) or a complex one: its norm, taken now."""
         if self.per_coordinate:
@@ -549,6 +551,7 @@ class ScaledOptimizer(Optimizer):
         if self._pending_bytes >= self._bucket_bytes:
             self._flush()
 
+    @torch.no_grad()
     def _add_norms(self) -> None:
         """Add the step's gradient norms taken so far into the per-parameter sums: three ops for all of them."""
         if not self._step_norms:
@@ -615,6 +618,7 @@ class ScaledOptimizer(Optimizer):
             self._coord_sq[slot] = buf
         return buf
 
+    @torch.no_grad()
     def _norm_held(self) -> None:
         """Norm the held gradients (one op) and flush the pending ones."""
         if self._held:
@@ -671,6 +675,7 @@ class ScaledOptimizer(Optimizer):
         self._read_accumulated()
         return self._have_big
 
+    @torch.no_grad()
     def _read_accumulated(self) -> None:
         grads = self._local_grads()
         present = [i for i, g in enumerate(grads) if g is not None]

@@ -268,6 +268,26 @@ def test_autograd_grad_inside_the_loop_is_not_a_microbatch():
     assert all(_same_float(readings[True][k], readings[False][k]) for k in readings[False])
 
 
+@pytest.mark.parametrize("per_coordinate", [False, True])
+def test_backward_with_create_graph_gives_the_same_readings(per_coordinate):
+    # backward(create_graph=True) leaves .grad differentiable (for a Hessian-vector product, say): the
+    # statistics taken from it must neither fail nor differ.
+    data = _data(3, 2)
+    readings = {}
+    for create_graph in (False, True):
+        model = _model()
+        opt = wrap(torch.optim.Adam(model.parameters(), lr=0.0), microbatch_size=4, per_coordinate=per_coordinate)
+        for microbatches in data:
+            for x, y in microbatches:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # torch's note on create_graph's reference cycle
+                    (((model(x) - y) ** 2).mean() / 2).backward(create_graph=create_graph)
+            opt.step()
+            opt.zero_grad()
+        readings[create_graph] = opt.stats
+    assert all(_same_float(readings[True][k], readings[False][k]) for k in readings[False])
+
+
 # ---- matches the bare optimizer when scaling is off --------------------------------------------------------
 
 
