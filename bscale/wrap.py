@@ -284,6 +284,8 @@ class ScaledOptimizer(Optimizer):
         self._peak_held_bytes = 0
         self._in_backward = False
         self._skipping = False  # inside torch.autograd.grad(): hooks ignored until it ends
+        self._task = -1  # the graph task of the backward in progress ...
+        self._ended_task: int | None = None  # ... and of the step's last one to end
         self._grad_accumulators: dict[int, Any] = {}  # slot -> its parameter's AccumulateGrad node
         self._reduce: PendingReduce | None = None  # the step's all-reduce in flight (torch.distributed)
         self._reduce_k = 0  # ... and the local microbatch count it carries
@@ -486,6 +488,14 @@ class ScaledOptimizer(Optimizer):
             self._skipping = True
             engine.queue_callback(self._end_skipping)
             return False
+        task = torch._C._current_graph_task_id()
+        if self._ended_task is not None and task < self._ended_task and self._sizes:
+            # The backward that just ended was a reentrant one nested inside this older, still running one
+            # (checkpoint(..., use_reentrant=True) around the first layers to get gradients): both are one
+            # microbatch, which ends with this one. Its count is taken back; its norms stay; .grad is read again.
+            self._sizes.pop()
+            self._drop_reduce()
+        self._task = task
         self._in_backward = True
         # Runs once when this backward finishes, before DDP's own end-of-backward work (queued later).
         engine.queue_callback(self._end_backward)
@@ -634,6 +644,7 @@ class ScaledOptimizer(Optimizer):
         self._flush()
 
     def _end_backward(self) -> None:
+        self._ended_task = self._task
         rode = self._ride_k == len(self._sizes) + 1  # DDP's last bucket carried this backward's statistics
         if rode and (self._held or self._pending or self._step_norms):
             # Only parameters DDP synchronises are accepted with ddp=, and all of theirs precede its last bucket.
@@ -773,6 +784,7 @@ class ScaledOptimizer(Optimizer):
         self._pending_bytes = 0
         self._in_backward = False
         self._skipping = False  # an autograd.grad() that raised never ran its end callback
+        self._ended_task = None
         self._sizes: list[float] = []
         # Persistent device buffer (two float32 per parameter tensor), zeroed rather than reallocated.
         if self._sums is not None:

@@ -11,6 +11,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 import bscale
 from bscale import ScaledOptimizer, wrap
@@ -285,6 +286,30 @@ def test_backward_with_create_graph_gives_the_same_readings(per_coordinate):
             opt.step()
             opt.zero_grad()
         readings[create_graph] = opt.stats
+    assert all(_same_float(readings[True][k], readings[False][k]) for k in readings[False])
+
+
+@pytest.mark.parametrize("per_coordinate", [False, True])
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing_gives_the_same_readings(use_reentrant, per_coordinate):
+    # The last layer checkpointed: with use_reentrant=True its backward runs as a graph task of its own, nested
+    # in the outer one and ending first; still one microbatch per backward() call.
+    data = _data(3, 2)
+    readings = {}
+    for checkpointed in (False, True):
+        model = _model()
+        opt = wrap(torch.optim.Adam(model.parameters(), lr=0.0), microbatch_size=4, per_coordinate=per_coordinate)
+        for microbatches in data:
+            for x, y in microbatches:
+                h = model[1](model[0](x))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch's notes on reentrant checkpointing
+                    out = checkpoint(model[2], h, use_reentrant=use_reentrant) if checkpointed else model[2](h)
+                    (((out - y) ** 2).mean() / 2).backward()
+            opt.step()
+            opt.zero_grad()
+        readings[checkpointed] = opt.stats
+    assert readings[True]["microbatches"] == 2.0
     assert all(_same_float(readings[True][k], readings[False][k]) for k in readings[False])
 
 
