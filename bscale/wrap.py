@@ -489,7 +489,7 @@ class ScaledOptimizer(Optimizer):
             engine.queue_callback(self._end_skipping)
             return False
         task = torch._C._current_graph_task_id()
-        if self._ended_task is not None and task < self._ended_task and self._sizes:
+        if self._ended_task is not None and 0 <= task < self._ended_task and self._sizes:
             # The backward that just ended was a reentrant one nested inside this older, still running one
             # (checkpoint(..., use_reentrant=True) around the first layers to get gradients): both are one
             # microbatch, which ends with this one. Its count is taken back; its norms stay; .grad is read again.
