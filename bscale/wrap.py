@@ -23,6 +23,8 @@ from .kernels.coord import SLOTS, coordinate_stats_trusted
 from .kernels.sqnorm import accumulate_sq_norms_trusted, dense_values
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from .distributed import PendingReduce
 
 __all__ = ["ScaledOptimizer", "wrap"]
@@ -67,6 +69,21 @@ def _check_positive(name: str, value: Any, integer: bool = False, unit: str = "e
     if not ok:
         kind = "a positive integer" if integer else "a positive, finite number"
         raise ValueError(f"Invalid {name}: {value!r}; it must be {kind}" + (f" of {unit}" if unit else ""))
+
+
+_ENGINE_CALL = getattr(getattr(torch.autograd.graph, "_engine_run_backward", None), "__code__", None)
+
+
+def _backward_call() -> FrameType | None:
+    """The frame of the outermost running ``backward()``/``autograd.grad()`` call (its entry into the autograd
+    engine), or None. Graph tasks nested in one call (reentrant checkpointing) share it. Held until the next
+    backward begins, a frame cannot be mistaken for a later call's (its identity is not reused while held)."""
+    frame, outer = sys._getframe(1), None
+    while frame is not None:
+        if frame.f_code is _ENGINE_CALL:
+            outer = frame
+        frame = frame.f_back
+    return outer
 
 
 def _foreach_normable(g: torch.Tensor) -> bool:
@@ -284,8 +301,8 @@ class ScaledOptimizer(Optimizer):
         self._peak_held_bytes = 0
         self._in_backward = False
         self._skipping = False  # inside torch.autograd.grad(): hooks ignored until it ends
-        self._task = -1  # the graph task of the backward in progress ...
-        self._ended_task: int | None = None  # ... and of the step's last one to end
+        self._call: FrameType | None = None  # the backward() call whose graph task is running ...
+        self._ended_call: FrameType | None = None  # ... and the one whose graph task ended last (held: see below)
         self._grad_accumulators: dict[int, Any] = {}  # slot -> its parameter's AccumulateGrad node
         self._reduce: PendingReduce | None = None  # the step's all-reduce in flight (torch.distributed)
         self._reduce_k = 0  # ... and the local microbatch count it carries
@@ -488,14 +505,15 @@ class ScaledOptimizer(Optimizer):
             self._skipping = True
             engine.queue_callback(self._end_skipping)
             return False
-        task = torch._C._current_graph_task_id()
-        if self._ended_task is not None and 0 <= task < self._ended_task and self._sizes:
-            # The backward that just ended was a reentrant one nested inside this older, still running one
-            # (checkpoint(..., use_reentrant=True) around the first layers to get gradients): both are one
-            # microbatch, which ends with this one. Its count is taken back; its norms stay; .grad is read again.
+        call = _backward_call()
+        if call is not None and call is self._ended_call and self._sizes:
+            # The backward that just ended ran nested in the same backward() call as this one (reentrant
+            # activation checkpointing: checkpoint(..., use_reentrant=True) runs its part's backward as a graph
+            # task of its own): one microbatch, which ends with the call. The count is taken back; the norms stay;
+            # .grad is read again when the call ends.
             self._sizes.pop()
             self._drop_reduce()
-        self._task = task
+        self._call = call
         self._in_backward = True
         # Runs once when this backward finishes, before DDP's own end-of-backward work (queued later).
         engine.queue_callback(self._end_backward)
@@ -644,7 +662,7 @@ class ScaledOptimizer(Optimizer):
         self._flush()
 
     def _end_backward(self) -> None:
-        self._ended_task = self._task
+        self._ended_call, self._call = self._call, None
         rode = self._ride_k == len(self._sizes) + 1  # DDP's last bucket carried this backward's statistics
         if rode and (self._held or self._pending or self._step_norms):
             # Only parameters DDP synchronises are accepted with ddp=, and all of theirs precede its last bucket.
@@ -784,7 +802,7 @@ class ScaledOptimizer(Optimizer):
         self._pending_bytes = 0
         self._in_backward = False
         self._skipping = False  # an autograd.grad() that raised never ran its end callback
-        self._ended_task = None
+        self._ended_call = None
         self._sizes: list[float] = []
         # Persistent device buffer (two float32 per parameter tensor), zeroed rather than reallocated.
         if self._sums is not None:

@@ -291,9 +291,11 @@ def test_backward_with_create_graph_gives_the_same_readings(per_coordinate):
 
 @pytest.mark.parametrize("per_coordinate", [False, True])
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_activation_checkpointing_gives_the_same_readings(use_reentrant, per_coordinate):
-    # The last layer checkpointed: with use_reentrant=True its backward runs as a graph task of its own, nested
-    # in the outer one and ending first; still one microbatch per backward() call.
+@pytest.mark.parametrize("segments", ["last layer", "two segments"])
+def test_activation_checkpointing_gives_the_same_readings(segments, use_reentrant, per_coordinate):
+    # With use_reentrant=True each checkpointed part's backward runs as a graph task of its own, nested in the
+    # backward() call's: here the last layer's comes first (and, with two segments, the first layer's in a
+    # second one). Still one microbatch per backward() call.
     data = _data(3, 2)
     readings = {}
     for checkpointed in (False, True):
@@ -301,10 +303,15 @@ def test_activation_checkpointing_gives_the_same_readings(use_reentrant, per_coo
         opt = wrap(torch.optim.Adam(model.parameters(), lr=0.0), microbatch_size=4, per_coordinate=per_coordinate)
         for microbatches in data:
             for x, y in microbatches:
-                h = model[1](model[0](x))
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # torch's notes on reentrant checkpointing
-                    out = checkpoint(model[2], h, use_reentrant=use_reentrant) if checkpointed else model[2](h)
+                    if not checkpointed:
+                        out = model(x)
+                    elif segments == "last layer":
+                        out = checkpoint(model[2], model[1](model[0](x)), use_reentrant=use_reentrant)
+                    else:  # every parameter inside a checkpointed part (x needs a gradient for reentrant ones)
+                        h = checkpoint(model[:2], x.clone().requires_grad_(), use_reentrant=use_reentrant)
+                        out = checkpoint(model[2], h, use_reentrant=use_reentrant)
                     (((out - y) ** 2).mean() / 2).backward()
             opt.step()
             opt.zero_grad()
