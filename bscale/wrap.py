@@ -16,7 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import laws
-from .distributed import DataParallel, _is_dtensor
+from .distributed import DataParallel
 from .estimate import NoiseScaleEstimator
 from .kernels import resolve_backend
 from .kernels.coord import SLOTS, coordinate_stats_trusted
@@ -72,18 +72,23 @@ def _check_positive(name: str, value: Any, integer: bool = False, unit: str = "e
 
 
 _ENGINE_CALL = getattr(getattr(torch.autograd.graph, "_engine_run_backward", None), "__code__", None)
+_GRAD_CALL = getattr(torch.autograd.grad, "__code__", None)
 
 
-def _backward_call() -> FrameType | None:
-    """The frame of the outermost running ``backward()``/``autograd.grad()`` call (its entry into the autograd
-    engine), or None. Graph tasks nested in one call (reentrant checkpointing) share it. Held until the next
-    backward begins, a frame cannot be mistaken for a later call's (its identity is not reused while held)."""
-    frame, outer = sys._getframe(1), None
+def _backward_call() -> tuple[FrameType | None, bool]:
+    """``(frame, grad)``: the frame of the outermost running ``backward()``/``autograd.grad()`` call (its entry
+    into the autograd engine) or None, and whether the innermost one is ``torch.autograd.grad()``, which
+    accumulates nothing into ``.grad``. Graph tasks nested in one call (reentrant checkpointing) share the
+    frame. Held until the next backward begins, a frame cannot be mistaken for a later call's (its identity is
+    not reused while held). One walk up the Python stack: an op or a C++ query here would cost more."""
+    frame, outer, grad = sys._getframe(1), None, None
     while frame is not None:
         if frame.f_code is _ENGINE_CALL:
             outer = frame
+            if grad is None:
+                grad = frame.f_back is not None and frame.f_back.f_code is _GRAD_CALL
         frame = frame.f_back
-    return outer
+    return outer, bool(grad)
 
 
 def _foreach_normable(g: torch.Tensor) -> bool:
@@ -303,7 +308,6 @@ class ScaledOptimizer(Optimizer):
         self._skipping = False  # inside torch.autograd.grad(): hooks ignored until it ends
         self._call: FrameType | None = None  # the backward() call whose graph task is running ...
         self._ended_call: FrameType | None = None  # ... and the one whose graph task ended last (held: see below)
-        self._grad_accumulators: dict[int, Any] = {}  # slot -> its parameter's AccumulateGrad node
         self._reduce: PendingReduce | None = None  # the step's all-reduce in flight (torch.distributed)
         self._reduce_k = 0  # ... and the local microbatch count it carries
         self._ride_out: torch.Tensor | None = None  # ddp=: the statistics reduced with DDP's last bucket
@@ -474,7 +478,7 @@ class ScaledOptimizer(Optimizer):
             def held_hook(grad: torch.Tensor) -> None:
                 opt = ref()
                 if opt is not None and not opt._skipping:
-                    if not opt._in_backward and not opt._begin_backward(slot):
+                    if not opt._in_backward and not opt._begin_backward():
                         return
                     if grad.is_sparse or grad.is_complex():
                         opt._on_unusual_grad(grad, slot)
@@ -496,16 +500,16 @@ class ScaledOptimizer(Optimizer):
 
         return hook
 
-    def _begin_backward(self, slot: int) -> bool:
+    def _begin_backward(self) -> bool:
         """At the first hook of a graph task: True for a backward that accumulates into ``.grad`` (a microbatch),
         False for ``torch.autograd.grad()``, whose hooks are then ignored until it ends (a gradient penalty
         computed that way is not a microbatch)."""
         engine = torch.autograd.Variable._execution_engine
-        if not self._accumulates(slot):
+        call, grad = _backward_call()
+        if grad:
             self._skipping = True
             engine.queue_callback(self._end_skipping)
             return False
-        call = _backward_call()
         if call is not None and call is self._ended_call and self._sizes:
             # The backward that just ended ran nested in the same backward() call as this one (reentrant
             # activation checkpointing: checkpoint(..., use_reentrant=True) runs its part's backward as a graph
@@ -522,24 +526,6 @@ class ScaledOptimizer(Optimizer):
     def _end_skipping(self) -> None:
         self._skipping = False
 
-    def _accumulates(self, slot: int) -> bool:
-        """Whether the running graph task accumulates into parameter ``slot``'s ``.grad``."""
-        if slot not in self._grad_accumulators:
-            p = self._params[slot]
-            # FSDP2 calls the hook with the unsharded parameter's gradient: the sharded one's node never runs.
-            node = None if _is_dtensor(p) else torch.autograd.graph.get_gradient_edge(p).node
-            self._grad_accumulators[slot] = node  # kept: the same node serves every graph of this parameter
-        node = self._grad_accumulators[slot]
-        if node is None:
-            return True
-        try:
-            return torch._C._will_engine_execute_node(node)
-        except RuntimeError as e:
-            # torch refuses to answer for a leaf while autograd.grad() runs: that is the one case answered False.
-            if "autograd.grad" in str(e):
-                return False
-            raise
-
     # The statistics' ops run without autograd: backward(create_graph=True) leaves .grad differentiable.
     @torch.no_grad()
     def _on_unusual_grad(self, grad: torch.Tensor, slot: int) -> None:
@@ -554,7 +540,7 @@ class ScaledOptimizer(Optimizer):
         self._step_norm_slots.append(slot)
 
     def _on_grad(self, grad: torch.Tensor, slot: int) -> None:
-        if not self._in_backward and not self._begin_backward(slot):
+        if not self._in_backward and not self._begin_backward():
             return
         if grad.is_sparse or grad.is_complex():
             self._on_unusual_grad(grad, slot)
