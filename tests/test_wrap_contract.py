@@ -247,46 +247,51 @@ def test_complex_parameters_are_measured_like_their_real_view():
         _complex_run(True, per_coordinate=True)
 
 
+def _readings_both_ways(backward_one, make_opt=lambda p: torch.optim.Adam(p, lr=0.0), **wrap_kwargs):
+    """The last readings of two runs on the same data, ``{False: ..., True: ...}``: each microbatch's backward
+    done by ``backward_one(model, x, y, variant)``."""
+    readings = {}
+    for variant in (False, True):
+        model = _model()
+        opt = wrap(make_opt(model.parameters()), microbatch_size=4, **wrap_kwargs)
+        for microbatches in _data(3, 2):
+            for x, y in microbatches:
+                backward_one(model, x, y, variant)
+            opt.step()
+            opt.zero_grad()
+        readings[variant] = opt.stats
+    return readings
+
+
+def _same_readings(readings) -> bool:
+    return all(_same_float(readings[True][k], readings[False][k]) for k in readings[False])
+
+
 def test_autograd_grad_inside_the_loop_is_not_a_microbatch():
     # A gradient penalty taken with torch.autograd.grad (create_graph) runs the parameters' hooks too, but
     # accumulates nothing into .grad: only the backward() counts. Weighted 0, it leaves the readings unchanged.
-    data = _data(3, 2)
-    readings = {}
-    for penalty in (False, True):
-        model = _model()
-        opt = wrap(torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=4)
-        for microbatches in data:
-            for x, y in microbatches:
-                loss = ((model(x) - y) ** 2).mean() / 2
-                if penalty:
-                    grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
-                    loss = loss + 0.0 * sum(g.pow(2).sum() for g in grads)
-                loss.backward()
-            opt.step()
-            opt.zero_grad()
-        readings[penalty] = opt.stats
+    def backward_one(model, x, y, penalty):
+        loss = ((model(x) - y) ** 2).mean() / 2
+        if penalty:
+            grads = torch.autograd.grad(loss, list(model.parameters()), create_graph=True)
+            loss = loss + 0.0 * sum(g.pow(2).sum() for g in grads)
+        loss.backward()
+
+    readings = _readings_both_ways(backward_one, lambda p: torch.optim.SGD(p, lr=0.0))
     assert readings[True]["microbatches"] == 2.0
-    assert all(_same_float(readings[True][k], readings[False][k]) for k in readings[False])
+    assert _same_readings(readings)
 
 
 @pytest.mark.parametrize("per_coordinate", [False, True])
 def test_backward_with_create_graph_gives_the_same_readings(per_coordinate):
     # backward(create_graph=True) leaves .grad differentiable (for a Hessian-vector product, say): the
     # statistics taken from it must neither fail nor differ.
-    data = _data(3, 2)
-    readings = {}
-    for create_graph in (False, True):
-        model = _model()
-        opt = wrap(torch.optim.Adam(model.parameters(), lr=0.0), microbatch_size=4, per_coordinate=per_coordinate)
-        for microbatches in data:
-            for x, y in microbatches:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)  # torch's note on create_graph's reference cycle
-                    (((model(x) - y) ** 2).mean() / 2).backward(create_graph=create_graph)
-            opt.step()
-            opt.zero_grad()
-        readings[create_graph] = opt.stats
-    assert all(_same_float(readings[True][k], readings[False][k]) for k in readings[False])
+    def backward_one(model, x, y, create_graph):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's note on create_graph's reference cycle
+            (((model(x) - y) ** 2).mean() / 2).backward(create_graph=create_graph)
+
+    assert _same_readings(_readings_both_ways(backward_one, per_coordinate=per_coordinate))
 
 
 @pytest.mark.parametrize("per_coordinate", [False, True])
@@ -296,28 +301,21 @@ def test_activation_checkpointing_gives_the_same_readings(segments, use_reentran
     # With use_reentrant=True each checkpointed part's backward runs as a graph task of its own, nested in the
     # backward() call's: here the last layer's comes first (and, with two segments, the first layer's in a
     # second one). Still one microbatch per backward() call.
-    data = _data(3, 2)
-    readings = {}
-    for checkpointed in (False, True):
-        model = _model()
-        opt = wrap(torch.optim.Adam(model.parameters(), lr=0.0), microbatch_size=4, per_coordinate=per_coordinate)
-        for microbatches in data:
-            for x, y in microbatches:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # torch's notes on reentrant checkpointing
-                    if not checkpointed:
-                        out = model(x)
-                    elif segments == "last layer":
-                        out = checkpoint(model[2], model[1](model[0](x)), use_reentrant=use_reentrant)
-                    else:  # every parameter inside a checkpointed part (x needs a gradient for reentrant ones)
-                        h = checkpoint(model[:2], x.clone().requires_grad_(), use_reentrant=use_reentrant)
-                        out = checkpoint(model[2], h, use_reentrant=use_reentrant)
-                    (((out - y) ** 2).mean() / 2).backward()
-            opt.step()
-            opt.zero_grad()
-        readings[checkpointed] = opt.stats
+    def backward_one(model, x, y, checkpointed):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on reentrant checkpointing
+            if not checkpointed:
+                out = model(x)
+            elif segments == "last layer":
+                out = checkpoint(model[2], model[1](model[0](x)), use_reentrant=use_reentrant)
+            else:  # every parameter inside a checkpointed part (x needs a gradient for reentrant ones)
+                h = checkpoint(model[:2], x.clone().requires_grad_(), use_reentrant=use_reentrant)
+                out = checkpoint(model[2], h, use_reentrant=use_reentrant)
+            (((out - y) ** 2).mean() / 2).backward()
+
+    readings = _readings_both_ways(backward_one, per_coordinate=per_coordinate)
     assert readings[True]["microbatches"] == 2.0
-    assert all(_same_float(readings[True][k], readings[False][k]) for k in readings[False])
+    assert _same_readings(readings)
 
 
 # ---- matches the bare optimizer when scaling is off --------------------------------------------------------
