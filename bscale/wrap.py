@@ -714,9 +714,14 @@ class ScaledOptimizer(Optimizer):
         else:
             self._add_norms()
             self._big.zero_()
-            grads = [grads[i] for i in present]
-            accumulate_sq_norms_trusted(grads, self._big, self._slots_tensor(present, device), None, backend)
+            accumulate_sq_norms_trusted(
+                [grads[i] for i in present], self._big, self._slots_tensor(present, device), None, backend
+            )
         self._have_big = True
+        if self.per_coordinate:
+            # Taken with |.grad|², before the user can clip or unscale .grad in place: the per-coordinate sums of
+            # squares hold the unmodified microbatch gradients, and S must be their unmodified sum.
+            self._coord_out = self._coordinate_stats(len(self._sizes), grads)
         self._local_microbatches = self._dp.local_microbatches(len(self._sizes))
         if self._dp.world_size > 1 and self._reduce is None:
             if self._ride_out is not None and self._ride_k == len(self._sizes):
@@ -796,8 +801,10 @@ class ScaledOptimizer(Optimizer):
         self._have_big = False
         self._local_microbatches = 0
         self._versions: list[int] | None = None
-        for buf in self._coord_sq.values():
-            buf.zero_()
+        # Per-coordinate mode: the sums of squares restart (one op), and a reading not consumed is dropped.
+        self._coord_out: tuple[int, torch.Tensor] | None = None
+        if self._coord_sq:
+            torch._foreach_zero_(list(self._coord_sq.values()))
 
     # ---- the step -------------------------------------------------------------------------------------------------
 
@@ -879,7 +886,8 @@ class ScaledOptimizer(Optimizer):
         if isinstance(found_inf, torch.Tensor) or isinstance(scale, torch.Tensor):
             own.append(torch.as_tensor(0.0 if found_inf is None else found_inf, device=device).reshape(1).float())
             own.append(torch.as_tensor(scale, device=device).reshape(1).float())
-        coord = self._coordinate_stats(k_local) if self.per_coordinate else None
+        # The per-coordinate summaries taken when .grad was read, if that read saw every backward of the step.
+        coord = self._coord_out[1] if self._coord_out is not None and self._coord_out[0] == k_local else None
         if coord is not None:
             own.append(coord)
         flags = torch.cat(own) if own else None
@@ -968,14 +976,18 @@ class ScaledOptimizer(Optimizer):
 
     _COORD_KEYS = SLOTS  # the kernels' output vector: these sums, then the SNR histogram
 
-    def _coordinate_stats(self, k_local: int) -> torch.Tensor | None:
+    def _coordinate_stats(
+        self, k_local: int, local_grads: list[torch.Tensor | None]
+    ) -> tuple[int, torch.Tensor] | None:
+        """``(k_local, the kernel's output vector)`` from the unmodified ``.grad`` (``local_grads``, per slot), the
+        sums of squares (left as they are: more backwards may follow) and Adam's v; None if it cannot be taken."""
         slots = sorted(self._coord_sq)
         if k_local < 2 or not slots:
             return None
         grads, bufs, vs = [], [], []
         for s in slots:
             p = self._params[s]
-            g = self._dp.local_grad(p)
+            g = local_grads[s]
             if g is None:
                 continue
             grads.append(g)
@@ -992,9 +1004,10 @@ class ScaledOptimizer(Optimizer):
         # .grad holds c·k·ḡ while the buffer holds Σ_j (c g_j)²: pass .grad as the sum S = Σ_j c g_j. Checked
         # once, when the buffers were made: the vector comes back as is, the SLOTS (= _COORD_KEYS) then the
         # histogram, in the one read of the step.
-        return coordinate_stats_trusted(
-            grads, bufs, vs if use_v else None, k_local, b, eps, None, True, self._backend_for(grads[0].device)
+        out = coordinate_stats_trusted(
+            grads, bufs, vs if use_v else None, k_local, b, eps, None, False, self._backend_for(grads[0].device)
         )
+        return k_local, out
 
     def _record_coordinate_stats(self, values: list[float], k: int, b: float, B: float, c: float) -> None:
         d = dict(zip(self._COORD_KEYS, values[: len(self._COORD_KEYS)], strict=True))

@@ -88,3 +88,44 @@ def test_adam_preconditioned_scale_uses_the_optimizers_eps():
         opt.zero_grad()
     stats = opt.stats
     assert stats["adam_preconditioned/noise_scale"] == pytest.approx(stats["noise_scale"], rel=1e-4)
+
+
+def _modified_grad_run(modify: str, seed: int = 5) -> dict[str, float]:
+    """Per-coordinate readings of linear regression at a fixed point, with .grad changed in place before step():
+    clipped, or unscaled by a GradScaler (the AMP recipe: unscale_, clip, step)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(D, 1, bias=False)
+    w_star = torch.randn(D)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if modify == "unscale" else None
+    opt = bscale.wrap(
+        torch.optim.Adam(model.parameters(), lr=0.0), microbatch_size=B_MICRO, per_coordinate=True, grad_scaler=scaler
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(12):
+        for _ in range(K):
+            x = torch.randn(B_MICRO, D, generator=gen)
+            y = x @ w_star + S * torch.randn(B_MICRO, generator=gen)
+            loss = 0.5 * (model(x).squeeze(-1) - y).pow(2).mean() / K
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is not None:
+            scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            if modify == "clip":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            opt.step()
+        opt.zero_grad()
+    return opt.stats
+
+
+@pytest.mark.parametrize("modify", ["clip", "unscale"])
+def test_per_coordinate_readings_use_the_gradient_before_clipping_or_unscaling(modify):
+    plain, modified = _modified_grad_run("none"), _modified_grad_run(modify)
+    keys = ["coord/sum_mu_sq", "coord/sum_sigma_sq", "coord/sum_mu_sq_over_sigma", "coord/frac_small_batch"]
+    keys += [k for k in plain if k.startswith("coord/snr_hist/")]
+    if modify == "unscale":
+        # A power-of-two loss scale is exact and unscaled before Adam sees it: its v, too, is the plain run's.
+        keys += ["adam_preconditioned/noise_scale"]
+    for key in keys:
+        assert modified[key] == pytest.approx(plain[key], rel=1e-6), key
