@@ -19,7 +19,7 @@ from . import laws
 from .distributed import DataParallel
 from .estimate import NoiseScaleEstimator
 from .kernels import resolve_backend
-from .kernels.coord import SLOTS, coordinate_stats_trusted
+from .kernels.coord import SLOTS, coordinate_stats_and_sq_norms_cpu, coordinate_stats_trusted
 from .kernels.sqnorm import accumulate_sq_norms_trusted, dense_values
 
 if TYPE_CHECKING:
@@ -549,6 +549,9 @@ class ScaledOptimizer(Optimizer):
         g = grad.detach()
         if self._backend_for(g.device) == "torch":
             # Eager torch, a float64 gradient (which `_foreach_norm` will not narrow to float32): its norm now.
+            if self._coord_norms(g.device):
+                self._coord_buffer(slot, g).addcmul_(g, g)  # the norms come from the sums of squares
+                return
             if g.dtype == torch.float64:  # vector_norm will not narrow float64: round its norm instead
                 self._step_norms.append(torch.linalg.vector_norm(g).float())
             else:
@@ -593,6 +596,11 @@ class ScaledOptimizer(Optimizer):
             self._backend_for(device),
         )
         self._pending, self._pending_slots, self._pending_bytes = [], [], 0
+
+    def _coord_norms(self, device: torch.device) -> bool:
+        """Per-coordinate mode with the torch backend on the CPU: the squared norms come from the per-coordinate
+        sums (see `_read_accumulated`), not from norm ops of their own."""
+        return self.per_coordinate and device.type == "cpu" and self._backend_for(device) == "torch"
 
     def _big_slots(self) -> range:
         """The slots of ``|.grad|²`` in ``_sums`` (its second half), in parameter order."""
@@ -640,8 +648,9 @@ class ScaledOptimizer(Optimizer):
             if self.per_coordinate:  # float32 buffers: g*g is promoted before rounding
                 bufs = [self._coord_buffer(s, g) for s, g in zip(self._held_slots, self._held, strict=True)]
                 torch._foreach_addcmul_(bufs, self._held, self._held)
-            self._step_norms.extend(torch._foreach_norm(self._held, 2, dtype=torch.float32))
-            self._step_norm_slots.extend(self._held_slots)
+            if not self._coord_norms(self._held[0].device):
+                self._step_norms.extend(torch._foreach_norm(self._held, 2, dtype=torch.float32))
+                self._step_norm_slots.extend(self._held_slots)
             self._held.clear()
             self._held_slots.clear()
             self._held_bytes = 0
@@ -701,7 +710,12 @@ class ScaledOptimizer(Optimizer):
         device = grads[present[0]].device
         self._ensure_sums(device)
         backend = self._backend_for(device)
-        if len(present) == len(grads) and backend == "torch" and all(_foreach_normable(g) for g in grads):
+        if self._coord_norms(device):
+            # Per-coordinate mode on the CPU: the sums of squares already hold Σ_j g_j², and the per-coordinate pass
+            # over .grad gives |.grad|²: no norm op, per microbatch or here (fewer than 2 microbatches: none needed).
+            self._add_norms()
+            self._coord_out = self._coordinate_stats(len(self._sizes), grads, with_norms=True)
+        elif len(present) == len(grads) and backend == "torch" and all(_foreach_normable(g) for g in grads):
             # Every parameter has a gradient (the usual case): these norms and the microbatches' go into the sums
             # together, in four ops for all of them (each op run as a backward ends costs ~10x its time alone).
             if self._have_big:  # read before in this step (more backwards followed): replaced, not added to
@@ -718,7 +732,7 @@ class ScaledOptimizer(Optimizer):
                 [grads[i] for i in present], self._big, self._slots_tensor(present, device), None, backend
             )
         self._have_big = True
-        if self.per_coordinate:
+        if self.per_coordinate and not self._coord_norms(device):
             # Taken with |.grad|², before the user can clip or unscale .grad in place: the per-coordinate sums of
             # squares hold the unmodified microbatch gradients, and S must be their unmodified sum.
             self._coord_out = self._coordinate_stats(len(self._sizes), grads)
@@ -977,19 +991,21 @@ class ScaledOptimizer(Optimizer):
     _COORD_KEYS = SLOTS  # the kernels' output vector: these sums, then the SNR histogram
 
     def _coordinate_stats(
-        self, k_local: int, local_grads: list[torch.Tensor | None]
+        self, k_local: int, local_grads: list[torch.Tensor | None], with_norms: bool = False
     ) -> tuple[int, torch.Tensor] | None:
         """``(k_local, the kernel's output vector)`` from the unmodified ``.grad`` (``local_grads``, per slot), the
-        sums of squares (left as they are: more backwards may follow) and Adam's v; None if it cannot be taken."""
+        sums of squares (left as they are: more backwards may follow) and Adam's v; None if it cannot be taken.
+        `with_norms` (CPU): also put each parameter's Σ_j |g_j|² and |.grad|² into the sums, from the same pass."""
         slots = sorted(self._coord_sq)
         if k_local < 2 or not slots:
             return None
-        grads, bufs, vs = [], [], []
+        grads, bufs, vs, used = [], [], [], []
         for s in slots:
             p = self._params[s]
             g = local_grads[s]
             if g is None:
                 continue
+            used.append(s)
             grads.append(g)
             bufs.append(self._coord_sq[s])
             st = self.optimizer.state.get(p, {})
@@ -1004,9 +1020,14 @@ class ScaledOptimizer(Optimizer):
         # .grad holds c·k·ḡ while the buffer holds Σ_j (c g_j)²: pass .grad as the sum S = Σ_j c g_j. Checked
         # once, when the buffers were made: the vector comes back as is, the SLOTS (= _COORD_KEYS) then the
         # histogram, in the one read of the step.
-        out = coordinate_stats_trusted(
-            grads, bufs, vs if use_v else None, k_local, b, eps, None, False, self._backend_for(grads[0].device)
-        )
+        if with_norms:
+            out, norms = coordinate_stats_and_sq_norms_cpu(grads, bufs, vs if use_v else None, k_local, b, eps)
+            n = len(self._params)
+            self._sums.index_copy_(0, self._slots_tensor([*used, *(s + n for s in used)], out.device), norms.view(-1))
+        else:
+            out = coordinate_stats_trusted(
+                grads, bufs, vs if use_v else None, k_local, b, eps, None, False, self._backend_for(grads[0].device)
+            )
         return k_local, out
 
     def _record_coordinate_stats(self, values: list[float], k: int, b: float, B: float, c: float) -> None:

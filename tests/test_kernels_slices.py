@@ -53,3 +53,25 @@ def test_coordinate_stats_across_slices(small_constants, with_v):
     assert set(got) == set(ref)
     for key in ref:
         torch.testing.assert_close(got[key].double(), ref[key].double(), rtol=1e-5, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("with_v", [False, True])
+def test_coordinate_stats_with_tensor_norms_across_slices(small_constants, with_v):
+    # Lone tensors cut into several slices, small ones packed: each tensor's ΣC and |S|² against float64, and the
+    # statistics are the plain call's, bit for bit (the norms come from rows it computes anyway).
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    k, b = 3, 4.0
+    micro = [_tensors(torch.float32, gen) for _ in range(k)]
+    sums = [sum(m[i] for m in micro) for i in range(len(micro[0]))]
+    sq = [sum(m[i] ** 2 for m in micro) for i in range(len(micro[0]))]
+    v = [torch.rand(t.shape, generator=gen) for t in sums] if with_v else None
+    kept = [t.clone() for t in sq]
+    out, norms = coord.coordinate_stats_and_sq_norms_cpu(sums, kept, v, k, b, 1e-8)
+    plain = coord.coordinate_stats_trusted(sums, [t.clone() for t in sq], v, k, b, 1e-8, None, False, "torch")
+    assert torch.equal(out, plain)
+    assert all(torch.equal(a, c) for a, c in zip(kept, sq, strict=True))  # the sums of squares are kept
+    want = torch.tensor(
+        [[float(c.double().sum()) for c in sq], [float(s.double().pow(2).sum()) for s in sums]], dtype=torch.float64
+    )
+    assert norms.shape == (2, len(sq)) and norms.dtype == torch.float32
+    torch.testing.assert_close(norms.double(), want, rtol=2e-6, atol=0)

@@ -129,3 +129,49 @@ def test_per_coordinate_readings_use_the_gradient_before_clipping_or_unscaling(m
         keys += ["adam_preconditioned/noise_scale"]
     for key in keys:
         assert modified[key] == pytest.approx(plain[key], rel=1e-6), key
+
+
+class _Mixed(torch.nn.Module):
+    """A tensor large enough for slices of its own (>= 2^16 elements), small ones packed together, and a float64
+    parameter (normed on its own path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big = torch.nn.Linear(300, 256)
+        self.small = torch.nn.Linear(256, 3)
+        self.head = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.small(torch.tanh(self.big(x))).double() @ self.head
+
+
+def _mixed_run(per_coordinate: bool) -> dict[str, float]:
+    torch.manual_seed(11)
+    model = _Mixed()
+    opt = bscale.wrap(
+        torch.optim.Adam(model.parameters(), lr=1e-3),
+        microbatch_size=8,
+        per_coordinate=per_coordinate,
+        named_parameters=model.named_parameters(),
+    )
+    gen = torch.Generator().manual_seed(12)
+    for step in range(6):
+        sizes = [8, 8, 8, 5] if step % 2 else [8, 8, 8]  # an unequal last microbatch on odd steps
+        for size in sizes:
+            opt.microbatch_size = size
+            x = torch.randn(size, 300, generator=gen)
+            y = torch.randn(size, generator=gen, dtype=torch.float64)
+            (0.5 * (model(x) - y).pow(2).mean() / len(sizes)).backward()
+        opt.step()
+        opt.zero_grad()
+    return opt.stats
+
+
+def test_per_coordinate_mode_gives_the_default_modes_noise_scale():
+    # On the CPU, per-coordinate mode takes the squared norms from its per-coordinate sums instead of norming the
+    # gradients: the same quantities by another float32 route, so equal to float32 rounding.
+    plain, coord = _mixed_run(False), _mixed_run(True)
+    keys = [k for k in plain if k.split("/")[0] in ("noise_scale", "grad_sq", "trace_sigma", "layer")]
+    assert len(keys) >= 6 and any(k.startswith("layer/big/") for k in keys)
+    for key in keys:
+        assert coord[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-12), key

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy
 import torch
 
 from ._layout import flat_like, is_dense, to_device
@@ -237,6 +238,42 @@ def coordinate_stats_trusted(
     )
 
 
+def coordinate_stats_and_sq_norms_cpu(
+    grad_sums: list[torch.Tensor],
+    coord_sq: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor] | None,
+    k: int,
+    b: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":func:`coordinate_stats_trusted` on CPU tensors (torch path, `coord_sq` kept), and from the same pass the
+    two squared norms per tensor that the noise-scale estimator needs: a ``(2, len(coord_sq))`` float32 tensor
+    of :math:`\sum_i C_i = \sum_j |g_j|^2` and :math:`|S|^2 = |\sum_j g_j|^2`.
+
+    They come from the per-coordinate rows already computed, :math:`|S|^2 = k \sum M` and
+    :math:`\sum C = \sum M + \sum D` (D = C − M, clamped at 0 only where rounding takes it below), so a caller
+    that keeps `coord_sq` needs no norm of its own, per microbatch or of the accumulated gradient.
+    """
+    device = coord_sq[0].device if coord_sq else torch.device("cpu")
+    if device.type != "cpu":
+        raise ValueError(f"coordinate_stats_and_sq_norms_cpu takes CPU tensors, got {device}")
+    edges = _edges_tensor(None, device)
+    sums: list[tuple[tuple[int, ...], torch.Tensor]] = []
+    out = _coordinate_stats_torch(
+        grad_sums, coord_sq, exp_avg_sq, k, b, eps, edges, _geometric(DEFAULT_SNR_EDGES), False, sums
+    )
+    return out, _tensor_norms(sums, len(coord_sq), k)
+
+
+def _tensor_norms(sums: list[tuple[tuple[int, ...], torch.Tensor]], count: int, k: int) -> torch.Tensor:
+    """The ``(ΣC, |S|²)`` rows per tensor from `(members, (2, len(members)) sums of M and D)` per slice."""
+    md = torch.zeros(2, count, dtype=torch.float64)
+    if sums:
+        ids = torch.tensor([i for members, _ in sums for i in members], dtype=torch.int64)
+        md.index_add_(1, ids, torch.cat([s for _, s in sums], 1).double())
+    return torch.stack([md.sum(0), md[0].mul_(k)]).float()
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     # A dense tensor in any dimension order is one run of memory from its first element (view is the cheaper
     # call for the usual contiguous case).
@@ -365,6 +402,7 @@ class _Scratch:
         self.pairs = torch.empty((width + 1) // 2, dtype=index_dtype, device=device)
         self._rows: dict[tuple[int, bool], _Rows] = {}
         self._packs: dict[tuple[torch.Size, ...], tuple[list[torch.Tensor], ...]] = {}
+        self._starts: dict[tuple[torch.Size, ...], numpy.ndarray] = {}
 
     def rows(self, n: int, precond: bool) -> _Rows:
         rows = self._rows.get((n, precond))
@@ -379,6 +417,16 @@ class _Scratch:
                 self._rows.clear()
             self._rows[(n, precond)] = rows
         return rows
+
+    def starts(self, shapes: tuple[torch.Size, ...]) -> numpy.ndarray:
+        """Where each packed tensor begins in the rows (`packs`' layout)."""
+        starts = self._starts.get(shapes)
+        if starts is None:
+            starts = numpy.cumsum([0] + [shape.numel() for shape in shapes[:-1]])
+            if len(self._starts) >= 16:
+                self._starts.clear()
+            self._starts[shapes] = starts
+        return starts
 
     def packs(self, shapes: tuple[torch.Size, ...]) -> tuple[list[torch.Tensor], ...]:
         """Views shaped like the packed tensors, one after another in rows t, c and p (S, C and v)."""
@@ -480,6 +528,7 @@ def _coordinate_stats_torch(
     edges: torch.Tensor,
     log_edges: tuple[float, float] | None,
     reset: bool,
+    tensor_sums: list[tuple[tuple[int, ...], torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     r"""Whole-slice eager ops on :math:`M = S^2/k = k\hat\mu^2` and :math:`D = \max(C - M, 0)`, where
 
@@ -493,6 +542,10 @@ def _coordinate_stats_torch(
 
     A slice costs ~22 eager ops (`_moments`, `_bin_index`, `_count_bins`), each a pass over the slice plus
     5-15 µs of dispatch; everything else is a fixed few dozen small ops per call.
+
+    With `tensor_sums` (CPU), each slice appends `(members, sums)`: the slice's Σ M and Σ D per member tensor,
+    a ``(2, len(members))`` tensor (for a packed slice one `numpy.add.reduceat` over rows M and D while they are
+    in cache; several times faster than a torch op per member).
     """
     device = edges.device
     nbins = edges.numel() + 1
@@ -518,6 +571,13 @@ def _coordinate_stats_torch(
         else:
             s, c, v = _packed(scratch, rows, members, grad_sums, coord_sq, exp_avg_sq, reset)
         row_sums.append(_moments(rows, s, c, v, k, reset and len(members) == 1, consts))
+        if tensor_sums is not None:
+            if len(members) == 1:
+                tensor_sums.append((members, row_sums[-1][2:4, None]))  # Σ M, Σ D of `summed`
+            else:
+                starts = scratch.starts(tuple(coord_sq[i].shape for i in members))
+                md = numpy.add.reduceat(rows.summed[2:4].numpy(), starts, axis=1)
+                tensor_sums.append((members, torch.from_numpy(md)))
         idx = _bin_index(rows, bins, consts, edges, alpha)
         if device.type == "cpu":
             counts.append(_count_bins(rows, idx, nbins, paired))
