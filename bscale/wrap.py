@@ -19,7 +19,7 @@ from . import laws
 from .distributed import DataParallel
 from .estimate import NoiseScaleEstimator
 from .kernels import resolve_backend
-from .kernels.coord import SLOTS, coordinate_stats_and_sq_norms_cpu, coordinate_stats_trusted
+from .kernels.coord import SLOTS, coordinate_stats_and_sq_norms_cpu, coordinate_stats_trusted, scratch_bytes
 from .kernels.sqnorm import accumulate_sq_norms_trusted, dense_values
 
 if TYPE_CHECKING:
@@ -478,7 +478,7 @@ class ScaledOptimizer(Optimizer):
             def held_hook(grad: torch.Tensor) -> None:
                 opt = ref()
                 if opt is not None and not opt._skipping:
-                    if not opt._in_backward and not opt._begin_backward():
+                    if not opt._in_backward and not opt._begin_backward(slot):
                         return
                     if grad.is_sparse or grad.is_complex():
                         opt._on_unusual_grad(grad, slot)
@@ -500,10 +500,10 @@ class ScaledOptimizer(Optimizer):
 
         return hook
 
-    def _begin_backward(self) -> bool:
-        """At the first hook of a graph task: True for a backward that accumulates into ``.grad`` (a microbatch),
-        False for ``torch.autograd.grad()``, whose hooks are then ignored until it ends (a gradient penalty
-        computed that way is not a microbatch)."""
+    def _begin_backward(self, slot: int) -> bool:
+        """At the first hook of a graph task (``slot``'s): True for a backward that accumulates into ``.grad`` (a
+        microbatch), False for ``torch.autograd.grad()``, whose hooks are then ignored until it ends (a gradient
+        penalty computed that way is not a microbatch)."""
         engine = torch.autograd.Variable._execution_engine
         call, grad = _backward_call()
         if grad:
@@ -517,11 +517,33 @@ class ScaledOptimizer(Optimizer):
             # .grad is read again when the call ends.
             self._sizes.pop()
             self._drop_reduce()
+        elif self._sizes and self._grads_discarded():
+            # .grad was set to None or zeroed since the last backward without a step (model.zero_grad(), say):
+            # the statistics of the microbatches it held go with it, as with this wrapper's own zero_grad().
+            self._reset_step_stats()
+        self._first_slot = slot
         self._call = call
         self._in_backward = True
         # Runs once when this backward finishes, before DDP's own end-of-backward work (queued later).
         engine.queue_callback(self._end_backward)
         return True
+
+    def _mark_grad(self) -> None:
+        """After a backward (and DDP's work on .grad): remember one gradient it accumulated into, to tell at the
+        next backward whether ``.grad`` was discarded in between (`_grads_discarded`)."""
+        g = self._params[self._first_slot].grad
+        self._grad_mark = None if g is None else (self._first_slot, id(g), g._version)
+
+    def _grads_discarded(self) -> bool:
+        """Whether the gradient `_mark_grad` remembered is gone (set to None or replaced) or was changed in place
+        (zeroed) since. One attribute check per backward. Not under FSDP2, which may leave ``.grad`` unset
+        between backwards that do not synchronise."""
+        mark = self._grad_mark
+        if mark is None or self._dp.sharded:
+            return False
+        slot, ident, version = mark
+        g = self._params[slot].grad
+        return g is None or id(g) != ident or g._version != version
 
     def _end_skipping(self) -> None:
         self._skipping = False
@@ -540,7 +562,7 @@ class ScaledOptimizer(Optimizer):
         self._step_norm_slots.append(slot)
 
     def _on_grad(self, grad: torch.Tensor, slot: int) -> None:
-        if not self._in_backward and not self._begin_backward():
+        if not self._in_backward and not self._begin_backward(slot):
             return
         if grad.is_sparse or grad.is_complex():
             self._on_unusual_grad(grad, slot)
@@ -691,6 +713,7 @@ class ScaledOptimizer(Optimizer):
     def _note_versions(self) -> None:
         # In-place changes (clipping, GradScaler's unscale) bump these: step() reads .grad late only if none did.
         self._versions = self._grad_versions()
+        self._mark_grad()
 
     def _read_late(self) -> bool:
         """At step(), after fewer backwards than expected: read |.grad|² now if nothing modified it since."""
@@ -701,6 +724,7 @@ class ScaledOptimizer(Optimizer):
 
     @torch.no_grad()
     def _read_accumulated(self) -> None:
+        self._mark_grad()
         grads = self._local_grads()
         present = [i for i, g in enumerate(grads) if g is not None]
         if not present:
@@ -808,6 +832,8 @@ class ScaledOptimizer(Optimizer):
         self._in_backward = False
         self._skipping = False  # an autograd.grad() that raised never ran its end callback
         self._ended_call = None
+        self._first_slot = 0
+        self._grad_mark: tuple[int, int, int] | None = None
         self._sizes: list[float] = []
         # Persistent device buffer (two float32 per parameter tensor), zeroed rather than reallocated.
         if self._sums is not None:
@@ -1206,10 +1232,20 @@ class ScaledOptimizer(Optimizer):
         float32 copy of the parameters in per-coordinate mode) and the ``transient_peak`` of microbatch gradients
         kept alive within a backward until their norms are taken: on the torch backend when the backward ends,
         with Triton by their bucket's fused launch; either way bounded by ``bucket_mb`` plus one gradient. Only the
-        gradients of a backward that finds ``.grad`` set add memory: the first one's become ``.grad``."""
+        gradients of a backward that finds ``.grad`` set add memory: the first one's become ``.grad``.
+        ``workspace``: in per-coordinate mode on the torch backend, the scratch rows of the per-coordinate pass
+        (eight float32 values per coordinate of its widest slice, ~9 MiB at most), kept by the thread for the next
+        step; the Triton kernel needs none."""
         persistent = 0 if self._sums is None else self._sums.numel() * self._sums.element_size()
         persistent += sum(b.numel() * b.element_size() for b in self._coord_sq.values())
-        return {"persistent": persistent, "transient_peak": max(self._peak_pending_bytes, self._peak_held_bytes)}
+        # The per-coordinate torch path's scratch: kept by the calling thread between steps (fresh pages each step
+        # would cost as much as the arithmetic), shared by every wrapper in it, and bounded whatever the model.
+        workspace = scratch_bytes() if self._coord_sq else 0
+        return {
+            "persistent": persistent,
+            "transient_peak": max(self._peak_pending_bytes, self._peak_held_bytes),
+            "workspace": workspace,
+        }
 
     def remove_hooks(self) -> None:
         """Detach every gradient hook (the wrapper then only steps the optimizer)."""

@@ -264,6 +264,33 @@ def test_zero_grad_without_step_discards_the_statistics():
     assert discarded.estimator.state_dict() == clean.estimator.state_dict()
 
 
+@pytest.mark.parametrize("discard", ["model.zero_grad()", "model.zero_grad(set_to_none=False)", "p.grad = None"])
+def test_gradients_discarded_outside_the_wrapper_discard_the_statistics(discard):
+    # The same abandoned step as above, with the gradients discarded by the model or by hand: the wrapper sees
+    # it at the next backward.
+    first, second = _data(2, 3)
+    model = _model()
+    discarded = wrap(torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=4, beta=0.0)
+    for x, y in first:
+        (_loss(model, x, y) / 3).backward()
+    if discard == "p.grad = None":
+        for p in model.parameters():
+            p.grad = None
+    else:
+        model.zero_grad(set_to_none=discard == "model.zero_grad()")
+    for x, y in second:
+        (_loss(model, x, y) / 3).backward()
+    discarded.step()
+
+    model = _model()
+    clean = wrap(torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=4, beta=0.0)
+    for x, y in second:
+        (_loss(model, x, y) / 3).backward()
+    clean.step()
+    assert discarded.stats["microbatches"] == 3.0
+    assert discarded.estimator.state_dict() == clean.estimator.state_dict()
+
+
 def test_one_microbatch_per_step_warns_once_and_training_continues():
     data = _data(4, 1)
     bare_model = _model()

@@ -7,6 +7,7 @@ gradient (δᵀx − ε)x has mean μ = δ and covariance Σ = (|δ|² + s²)I +
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -175,3 +176,32 @@ def test_per_coordinate_mode_gives_the_default_modes_noise_scale():
     assert len(keys) >= 6 and any(k.startswith("layer/big/") for k in keys)
     for key in keys:
         assert coord[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-12), key
+
+
+def _memory(model: torch.nn.Module) -> dict[bool, dict[str, int]]:
+    opts = {
+        mode: bscale.wrap(torch.optim.Adam(model.parameters()), microbatch_size=4, per_coordinate=mode)
+        for mode in (False, True)
+    }
+    for opt in opts.values():
+        for _ in range(2):
+            model(torch.randn(4, 40)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return {mode: opt.memory_bytes() for mode, opt in opts.items()}
+
+
+def test_memory_bytes_counts_the_buffer_per_parameter_and_the_workspace():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 2))
+    n = sum(p.numel() for p in model.parameters())
+    # A thread of its own: the scratch is the thread's, as wide as the widest slice it has seen.
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(_memory(model)))
+    thread.start()
+    thread.join()
+    plain, coord = result[False], result[True]
+    assert plain["workspace"] == 0
+    assert coord["persistent"] - plain["persistent"] == 4 * n  # one float32 value per coordinate
+    # The torch path's scratch, sized to this model (one slice): eight float32 rows and the int16 bin indices.
+    assert 8 * 4 * n <= coord["workspace"] <= 8 * 4 * n + 4 * (n + 1)

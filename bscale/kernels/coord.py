@@ -456,6 +456,13 @@ def _scratch(width: int, device: torch.device, index_dtype: torch.dtype) -> _Scr
     return scratch
 
 
+def scratch_bytes() -> int:
+    """Bytes of the torch path's scratch this thread keeps between calls (every device): eight float32 rows and
+    the bin indices, each as wide as the widest slice so far (at most `_SLICE` elements, ~9 MiB)."""
+    cache = _SCRATCH.__dict__.get("buffers", {})
+    return sum(t.numel() * t.element_size() for s in cache.values() for t in (s.work, s.index, s.pairs))
+
+
 def _moments(
     rows: _Rows, s: torch.Tensor, c: torch.Tensor, v: torch.Tensor | None, k: int, zero_c: bool,
     consts: _Constants,
