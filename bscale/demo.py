@@ -118,11 +118,15 @@ def run_demo(
     seed: int = 0,
     threads: int | None = None,
     progress: bool = True,
+    per_coordinate: bool = False,
 ) -> dict[str, float]:
     """Train the character transformer with live B_noise; returns the final ``opt.stats`` (plus ``loss``).
 
     Batch sizes are counted in tokens (``sequences × context``). With ``grow`` the batch follows the noise scale
     (the accumulation count rises, the microbatch stays fixed), and the LR follows the noise-aware Adam law.
+    With ``per_coordinate`` the wrapper also measures Adam's per-coordinate statistics: the progress bar shows the
+    share of coordinates inside Surge's small-batch regime, and the plot adds it and the Adam-preconditioned noise
+    scale.
     """
     from tqdm import tqdm
 
@@ -156,6 +160,7 @@ def run_demo(
         rule="noise" if grow else None,
         named_parameters=model.named_parameters(),
         controller=controller,
+        per_coordinate=per_coordinate,
     )
     bar = tqdm(range(steps), disable=not progress, dynamic_ncols=True, desc="bscale demo")
     t0 = time.perf_counter()
@@ -175,9 +180,11 @@ def run_demo(
         stats["loss"] = total
         stats["accumulation_steps"] = float(k)
         logger.log(stats, step + 1)
+        regime = stats.get("coord/frac_small_batch")
         bar.set_postfix_str(
             f"loss {total:.3f} | B_noise {bscale.format_noise_scale(stats['noise_scale'], stats['noise_scale_stderr'])}"
             f" tok | batch {int(stats['batch_size'])} | lr×{stats['lr_scale']:.2f}"
+            + ("" if regime is None else f" | small-batch regime {regime:.0%}")
         )
         if controller is not None:
             k = opt.accumulation_steps()
@@ -218,6 +225,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bscale-demo", help="output folder for log.jsonl and noise_scale.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--per-coordinate",
+        action="store_true",
+        help="also measure Adam's per-coordinate statistics (Surge's small-batch regime, preconditioned B_noise)",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -231,6 +243,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         out=args.out,
         seed=args.seed,
         progress=not args.quiet,
+        per_coordinate=args.per_coordinate,
     )
     return 0
 

@@ -64,9 +64,10 @@ def _build_figure(records: list[Mapping[str, Any]], title: str | None) -> Figure
 
     noise, stderr = _column(records, "noise_scale"), _column(records, "noise_scale_stderr")
     batch, loss, lr_scale = (_column(records, k) for k in ("batch_size", "loss", "lr_scale"))
-    has_loss, has_lr = np.isfinite(loss).any(), np.isfinite(lr_scale).any()
+    precond, regime = _column(records, "adam_preconditioned/noise_scale"), _column(records, "coord/frac_small_batch")
+    has_loss, has_lr, has_regime = np.isfinite(loss).any(), np.isfinite(lr_scale).any(), np.isfinite(regime).any()
 
-    n_panels = 1 + int(has_loss) + int(has_lr)
+    n_panels = 1 + int(has_loss) + int(has_lr) + int(has_regime)
     fig = Figure(figsize=(8.0, 1.0 + 2.6 * n_panels), layout="constrained")
     axes = fig.subplots(n_panels, 1, sharex=True, squeeze=False)[:, 0]
     if title:
@@ -76,7 +77,8 @@ def _build_figure(records: list[Mapping[str, Any]], title: str | None) -> Figure
     # A log axis shows only positive values: B_noise is clamped at 0 early on, and NaN before any estimate.
     ok = np.isfinite(x) & np.isfinite(noise) & (noise > 0)
     ok_batch = np.isfinite(x) & np.isfinite(batch) & (batch > 0)
-    positive = np.concatenate([noise[ok], batch[ok_batch]])
+    ok_precond = np.isfinite(x) & np.isfinite(precond) & (precond > 0)
+    positive = np.concatenate([noise[ok], batch[ok_batch], precond[ok_precond]])
     if ok.any():
         ax.plot(x[ok], noise[ok], color="C0", label="B_noise")
         band = ok & np.isfinite(stderr)
@@ -90,6 +92,8 @@ def _build_figure(records: list[Mapping[str, Any]], title: str | None) -> Figure
         ax.text(0.5, 0.5, "no B_noise estimate yet", transform=ax.transAxes, ha="center", va="center")
     if ok_batch.any():
         ax.step(x[ok_batch], batch[ok_batch], where="post", color="C3", label="batch size")
+    if ok_precond.any():  # per-coordinate mode with Adam
+        ax.plot(x[ok_precond], precond[ok_precond], color="C4", linestyle="--", label="B_noise, Adam-preconditioned")
     if positive.size:
         ax.set_yscale("log")
         ax.legend(loc="best")
@@ -112,6 +116,15 @@ def _build_figure(records: list[Mapping[str, Any]], title: str | None) -> Figure
         ax.axhline(1.0, color="0.5", linestyle="--", linewidth=0.8)  # 1.0: the learning rate as the user set it
         ax.set_ylabel("lr scale")
         ax.grid(True, alpha=0.3)
+        panel += 1
+    if has_regime:  # per-coordinate mode: how far the Adam law's small-batch reading can be trusted
+        ax = axes[panel]
+        ok = np.isfinite(x) & np.isfinite(regime)
+        ax.plot(x[ok], regime[ok], color="C5")
+        ax.set_ylim(0.0, 1.0)
+        ax.set_ylabel("small-batch\nregime share")
+        ax.set_title("coordinates with B < πσ²/(2μ²) (Surge)", fontsize="medium")
+        ax.grid(True, alpha=0.3)
     axes[-1].set_xlabel(x_label)
     return fig
 
@@ -129,7 +142,9 @@ def plot_run(
     * ``noise_scale`` (B_noise) with a band of ± ``noise_scale_stderr``, and ``batch_size`` as a step line on
       the same log axis, so that a batch grown adaptively can be seen following B_noise;
     * ``loss``, when the records have it;
-    * ``lr_scale``, when the records have it, with a dashed line at 1 (the learning rate as set).
+    * ``lr_scale``, when the records have it, with a dashed line at 1 (the learning rate as set);
+    * ``coord/frac_small_batch``, from per-coordinate mode: the share of coordinates inside Surge's small-batch
+      regime (the top panel then also draws ``adam_preconditioned/noise_scale``, dashed).
 
     The x axis is ``examples`` (falling back to ``step``). Rows whose values are NaN or ``null`` (before the
     first estimate) are left out of the panel they would spoil. When a step appears more than once (a resumed

@@ -560,6 +560,23 @@ def test_plot_panels_and_data():
     assert band_y.min() > 0
 
 
+def test_plot_per_coordinate_columns():
+    records = _synthetic_run()
+    for i, r in enumerate(records):
+        r["coord/frac_small_batch"] = NAN if i < 2 else 0.9 - 0.01 * i
+        r["adam_preconditioned/noise_scale"] = NAN if i < 3 else 2.0 * r["noise_scale"]
+    fig = _build_figure(records, None)
+    assert len(fig.axes) == 4
+    top, regime_ax = fig.axes[0], fig.axes[3]
+    precond = top.get_lines()[-1]
+    expected = [(r["examples"], r["adam_preconditioned/noise_scale"]) for r in records[3:]]
+    expected = [(x, y) for x, y in expected if y > 0]
+    assert list(zip(*precond.get_data(), strict=True)) == expected
+    (line,) = regime_ax.get_lines()
+    assert list(line.get_ydata()) == [r["coord/frac_small_batch"] for r in records[2:]]
+    assert regime_ax.get_ylim() == (0.0, 1.0)
+
+
 def test_plot_without_optional_columns_and_without_estimates(tmp_path):
     records = [{"step": s, "noise_scale": NAN, "batch_size": 64.0} for s in range(1, 6)]
     fig = _build_figure(records, None)
