@@ -1073,7 +1073,9 @@ class ScaledOptimizer(Optimizer):
             self._coord[f"coord/snr_hist/{i}"] = h / total
         if math.isfinite(d["precond_small"]) and self._dp.world_size == 1:
             est = self._sub_estimator("__adam_preconditioned__")
-            est.update(d["precond_small"], d["precond_big"], b, B)
+            # Squares of the hooks' c·g, like the plain sums (P, from Adam's v, is in .grad's unscaled units):
+            # unscaled, so that steps under different loss scales (GradScaler's changes) weigh alike.
+            est.update(d["precond_small"] / (c * c), d["precond_big"] / (c * c), b, B)
 
     # ---- learning rate --------------------------------------------------------------------------------------------
 

@@ -70,12 +70,18 @@ def test_gradient_clipping_does_not_change_the_estimate():
     assert clipped.stats["noise_scale"] == plain.stats["noise_scale"]
 
 
-def _amp_run(data, *, fused, amp, pass_scaler=True, inf_at=None, skip=None):
+def _amp_run(data, *, fused, amp, pass_scaler=True, inf_at=None, skip=None, per_coordinate=False):
     model = _model()
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused, foreach=None if fused else False)
     # A small growth_interval makes the scale change during the run (1024, 2048, ..., halved on overflow).
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) if amp else None
-    opt = wrap(inner, microbatch_size=4, beta=0.9, grad_scaler=scaler if pass_scaler else None)
+    opt = wrap(
+        inner,
+        microbatch_size=4,
+        beta=0.9,
+        grad_scaler=scaler if pass_scaler else None,
+        per_coordinate=per_coordinate,
+    )
     for step, microbatches in enumerate(data):
         if step == skip:
             continue
@@ -121,11 +127,12 @@ def test_grad_scaler_readings_are_unscaled(fused):
     assert all(torch.equal(a, b) for a, b in zip(p_plain, p_scaled, strict=True))
 
 
+@pytest.mark.parametrize("per_coordinate", [False, True], ids=["default", "per_coordinate"])
 @pytest.mark.parametrize("fused", _FUSED, ids=["forloop", "fused"])
-def test_grad_scaler_overflow_step_leaves_the_estimator_untouched(fused):
+def test_grad_scaler_overflow_step_leaves_the_estimator_untouched(fused, per_coordinate):
     data = _data(6, 3)
-    overflowed, p_overflowed = _amp_run(data, fused=fused, amp=True, inf_at=3)
-    skipped, p_skipped = _amp_run(data, fused=fused, amp=True, skip=3)
+    overflowed, p_overflowed = _amp_run(data, fused=fused, amp=True, inf_at=3, per_coordinate=per_coordinate)
+    skipped, p_skipped = _amp_run(data, fused=fused, amp=True, skip=3, per_coordinate=per_coordinate)
     assert overflowed.estimator.steps == 5
     # The estimator, the counters, all of it.
     assert overflowed.state_dict()["bscale"] == skipped.state_dict()["bscale"]
