@@ -451,9 +451,10 @@ def test_state_dict_hooks_registered_on_the_wrapper_fire():
     assert calls == [("save", True), ("load", True)]
 
 
-def _wrapped_adamw(model):
+def _wrapped_adamw(model, **kwargs):
     return wrap(
         torch.optim.AdamW(model.parameters(), lr=1e-2),
+        **kwargs,
         microbatch_size=4,
         rule="noise",
         ref_batch=6,
@@ -462,14 +463,15 @@ def _wrapped_adamw(model):
     )
 
 
-def test_checkpoint_resume_is_bitwise():
+@pytest.mark.parametrize("per_coordinate", [False, True], ids=["default", "per_coordinate"])
+def test_checkpoint_resume_is_bitwise(per_coordinate):
     data = _data(10, 3)
     model = _model()
-    opt = _wrapped_adamw(model)
+    opt = _wrapped_adamw(model, per_coordinate=per_coordinate)
     straight = [(r, [p.detach().clone() for p in model.parameters()]) for r in _train_each(model, opt, data)]
 
     model = _model()
-    opt = _wrapped_adamw(model)
+    opt = _wrapped_adamw(model, per_coordinate=per_coordinate)
     resumed = [(r, [p.detach().clone() for p in model.parameters()]) for r in _train_each(model, opt, data[:5])]
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
@@ -477,12 +479,13 @@ def test_checkpoint_resume_is_bitwise():
     ckpt = torch.load(buffer, map_location="cpu")
     model = _model(seed=7)  # different initial weights: everything must come from the checkpoint
     model.load_state_dict(ckpt["model"])
-    opt = _wrapped_adamw(model)
+    opt = _wrapped_adamw(model, per_coordinate=per_coordinate)
     opt.load_state_dict(ckpt["opt"])
     resumed += [(r, [p.detach().clone() for p in model.parameters()]) for r in _train_each(model, opt, data[5:])]
 
     assert any(math.isfinite(r["noise_scale"]) for r, _ in straight[5:])  # readings worth comparing
     assert any(k.startswith("layer/") for k in straight[-1][0])
+    assert per_coordinate == math.isfinite(straight[-1][0].get("adam_preconditioned/noise_scale", math.nan))
     for (r1, p1), (r2, p2) in zip(straight, resumed, strict=True):
         assert r1.keys() == r2.keys()
         assert all(_same_float(r1[k], r2[k]) for k in r1), {k: (r1[k], r2[k]) for k in r1 if r1[k] != r2[k]}
