@@ -518,8 +518,8 @@ class ScaledOptimizer(Optimizer):
             self._sizes.pop()
             self._drop_reduce()
         elif self._sizes and self._grads_discarded():
-            # .grad was set to None or zeroed since the last backward without a step (model.zero_grad(), say):
-            # the statistics of the microbatches it held go with it, as with this wrapper's own zero_grad().
+            # .grad was set to None since the last backward, without a step (model.zero_grad(), say): the
+            # statistics of the microbatches it held go with it, as with this wrapper's own zero_grad().
             self._reset_step_stats()
         self._first_slot = slot
         self._call = call
@@ -529,21 +529,19 @@ class ScaledOptimizer(Optimizer):
         return True
 
     def _mark_grad(self) -> None:
-        """After a backward (and DDP's work on .grad): remember one gradient it accumulated into, to tell at the
-        next backward whether ``.grad`` was discarded in between (`_grads_discarded`)."""
-        g = self._params[self._first_slot].grad
-        self._grad_mark = None if g is None else (self._first_slot, id(g), g._version)
+        """After a backward: remember a parameter it gave a gradient, to tell at the next backward whether
+        ``.grad`` was set to None in between (`_grads_discarded`)."""
+        slot = self._first_slot
+        self._grad_mark = slot if self._params[slot].grad is not None else None
 
     def _grads_discarded(self) -> bool:
-        """Whether the gradient `_mark_grad` remembered is gone (set to None or replaced) or was changed in place
-        (zeroed) since. One attribute check per backward. Not under FSDP2, which may leave ``.grad`` unset
-        between backwards that do not synchronise."""
-        mark = self._grad_mark
-        if mark is None or self._dp.sharded:
-            return False
-        slot, ident, version = mark
-        g = self._params[slot].grad
-        return g is None or id(g) != ident or g._version != version
+        """Whether the parameter `_mark_grad` remembered has lost its ``.grad`` since: one attribute test per
+        backward. Only None counts: the tensor can legitimately change between backwards (DDP points ``.grad``
+        at a rebuilt bucket; in-place ops, a clip included, bump its version; several parameters' gradients can
+        share one version counter), so zeroing in place (``set_to_none=False``) is not seen. Not under FSDP2,
+        which may leave ``.grad`` unset between backwards that do not synchronise."""
+        slot = self._grad_mark
+        return slot is not None and not self._dp.sharded and self._params[slot].grad is None
 
     def _end_skipping(self) -> None:
         self._skipping = False
@@ -833,7 +831,7 @@ class ScaledOptimizer(Optimizer):
         self._skipping = False  # an autograd.grad() that raised never ran its end callback
         self._ended_call = None
         self._first_slot = 0
-        self._grad_mark: tuple[int, int, int] | None = None
+        self._grad_mark: int | None = None
         self._sizes: list[float] = []
         # Persistent device buffer (two float32 per parameter tensor), zeroed rather than reallocated.
         if self._sums is not None:

@@ -204,11 +204,16 @@ def ddp_varying_accum(c: Ctx) -> dict[str, Any]:
 
 
 def ddp_sync(c: Ctx) -> dict[str, Any]:
-    """DDP synchronising after every microbatch: .grad is the sum of rank-averaged gradients."""
-    model = make_model()
-    ddp = _ddp(model)
-    opt = make_opt(ddp, named=model, debug=True)
-    return {"ddp_sync": train(ddp, opt, c.rank, c.accum, range(STEPS), _always_sync)}
+    """DDP synchronising after every microbatch: .grad is the sum of rank-averaged gradients. With gradients as
+    bucket views, DDP rebuilds its buckets in the second iteration and points every .grad at a new view between
+    two backwards of the first step: that must not look like gradients discarded."""
+    out = {}
+    for name, kw in (("ddp_sync", {}), ("ddp_sync_bucket_view", {"gradient_as_bucket_view": True})):
+        model = make_model()
+        ddp = _ddp(model, **kw)
+        opt = make_opt(ddp, named=model, debug=True)
+        out[name] = train(ddp, opt, c.rank, c.accum, range(STEPS), _always_sync)
+    return out
 
 
 def ddp_fp16_hook(c: Ctx) -> dict[str, Any]:

@@ -105,7 +105,8 @@ RIDES = ("ride_no_sync", "ride_sync", "ride_debug", "ride_buckets", "ride_bucket
 
 
 @pytest.mark.parametrize(
-    "run", ["ddp_no_sync", "ddp_sync", "ddp_bucket_view_scaler", "fsdp_no_sync", "fsdp_sync", *RIDES]
+    "run",
+    ["ddp_no_sync", "ddp_sync", "ddp_sync_bucket_view", "ddp_bucket_view_scaler", "fsdp_no_sync", "fsdp_sync", *RIDES],
 )
 def test_matches_one_process(job, ref, run):
     """W=2 ranks × A=2 microbatches equal one process accumulating the same 4 microbatches."""

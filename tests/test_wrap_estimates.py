@@ -271,10 +271,10 @@ def test_zero_grad_without_step_discards_the_statistics():
     assert discarded.estimator.state_dict() == clean.estimator.state_dict()
 
 
-@pytest.mark.parametrize("discard", ["model.zero_grad()", "model.zero_grad(set_to_none=False)", "p.grad = None"])
+@pytest.mark.parametrize("discard", ["model.zero_grad()", "p.grad = None"])
 def test_gradients_discarded_outside_the_wrapper_discard_the_statistics(discard):
-    # The same abandoned step as above, with the gradients discarded by the model or by hand: the wrapper sees
-    # it at the next backward.
+    # The same abandoned step as above, with the gradients set to None by the model or by hand: the wrapper
+    # sees it at the next backward.
     first, second = _data(2, 3)
     model = _model()
     discarded = wrap(torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=4, beta=0.0)
@@ -284,7 +284,7 @@ def test_gradients_discarded_outside_the_wrapper_discard_the_statistics(discard)
         for p in model.parameters():
             p.grad = None
     else:
-        model.zero_grad(set_to_none=discard == "model.zero_grad()")
+        model.zero_grad()
     for x, y in second:
         (_loss(model, x, y) / 3).backward()
     discarded.step()
@@ -296,6 +296,24 @@ def test_gradients_discarded_outside_the_wrapper_discard_the_statistics(discard)
     clean.step()
     assert discarded.stats["microbatches"] == 3.0
     assert discarded.estimator.state_dict() == clean.estimator.state_dict()
+
+
+def test_gradients_changed_in_place_between_backwards_are_not_discarded():
+    # A clip after every backward (to log the norm, with a max_norm never reached) multiplies .grad in place by
+    # 1: the gradients are still those of the step's microbatches.
+    data = _data(3, 3)
+    plain, clipped = (_model(), _model())
+    opts = [wrap(torch.optim.SGD(m.parameters(), lr=0.0), microbatch_size=4) for m in (plain, clipped)]
+    for microbatches in data:
+        for model, opt in zip((plain, clipped), opts, strict=True):
+            for x, y in microbatches:
+                (_loss(model, x, y) / 3).backward()
+                if model is clipped:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+            opt.step()
+            opt.zero_grad()
+    assert opts[1].stats["microbatches"] == 3.0
+    assert opts[1].estimator.state_dict() == opts[0].estimator.state_dict()
 
 
 def test_one_microbatch_per_step_warns_once_and_training_continues():
