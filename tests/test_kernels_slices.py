@@ -75,3 +75,8 @@ def test_coordinate_stats_with_tensor_norms_across_slices(small_constants, with_
     )
     assert norms.shape == (2, len(sq)) and norms.dtype == torch.float32
     torch.testing.assert_close(norms.double(), want, rtol=2e-6, atol=0)
+    # Sums of squares below S²/k (a .grad that is not the sum of the microbatches seen: added to before the
+    # wrapper, or scaled after its hooks) are still summed as they are, not as the clamped variance implies.
+    low = [t * 0.1 for t in sq]
+    _, norms = coord.coordinate_stats_and_sq_norms_cpu(sums, low, v, k, b, 1e-8)
+    torch.testing.assert_close(norms[0].double(), 0.1 * want[0], rtol=2e-6, atol=0)

@@ -250,9 +250,9 @@ def coordinate_stats_and_sq_norms_cpu(
     two squared norms per tensor that the noise-scale estimator needs: a ``(2, len(coord_sq))`` float32 tensor
     of :math:`\sum_i C_i = \sum_j |g_j|^2` and :math:`|S|^2 = |\sum_j g_j|^2`.
 
-    They come from the per-coordinate rows already computed, :math:`|S|^2 = k \sum M` and
-    :math:`\sum C = \sum M + \sum D` (D = C − M, clamped at 0 only where rounding takes it below), so a caller
-    that keeps `coord_sq` needs no norm of its own, per microbatch or of the accumulated gradient.
+    They come from the same pass: :math:`|S|^2 = k \sum M` from a row it sums anyway, and :math:`\sum C` from
+    the packed rows while they are in cache (one more reduction for a tensor with slices of its own), so a
+    caller that keeps `coord_sq` needs no norm of its own, per microbatch or of the accumulated gradient.
     """
     device = coord_sq[0].device if coord_sq else torch.device("cpu")
     if device.type != "cpu":
@@ -266,12 +266,13 @@ def coordinate_stats_and_sq_norms_cpu(
 
 
 def _tensor_norms(sums: list[tuple[tuple[int, ...], torch.Tensor]], count: int, k: int) -> torch.Tensor:
-    """The ``(ΣC, |S|²)`` rows per tensor from `(members, (2, len(members)) sums of M and D)` per slice."""
-    md = torch.zeros(2, count, dtype=torch.float64)
+    """The ``(ΣC, |S|²)`` rows per tensor from `(members, (2, len(members)) sums of C and M)` per slice."""
+    cm = torch.zeros(2, count, dtype=torch.float64)
     if sums:
         ids = torch.tensor([i for members, _ in sums for i in members], dtype=torch.int64)
-        md.index_add_(1, ids, torch.cat([s for _, s in sums], 1).double())
-    return torch.stack([md.sum(0), md[0].mul_(k)]).float()
+        cm.index_add_(1, ids, torch.cat([s for _, s in sums], 1).double())
+    cm[1] *= k
+    return cm.float()
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -550,8 +551,8 @@ def _coordinate_stats_torch(
     A slice costs ~22 eager ops (`_moments`, `_bin_index`, `_count_bins`), each a pass over the slice plus
     5-15 µs of dispatch; everything else is a fixed few dozen small ops per call.
 
-    With `tensor_sums` (CPU), each slice appends `(members, sums)`: the slice's Σ M and Σ D per member tensor,
-    a ``(2, len(members))`` tensor (for a packed slice one `numpy.add.reduceat` over rows M and D while they are
+    With `tensor_sums` (CPU), each slice appends `(members, sums)`: the slice's Σ C and Σ M per member tensor,
+    a ``(2, len(members))`` tensor (for a packed slice one `numpy.add.reduceat` over rows C and M while they are
     in cache; several times faster than a torch op per member).
     """
     device = edges.device
@@ -579,12 +580,12 @@ def _coordinate_stats_torch(
             s, c, v = _packed(scratch, rows, members, grad_sums, coord_sq, exp_avg_sq, reset)
         row_sums.append(_moments(rows, s, c, v, k, reset and len(members) == 1, consts))
         if tensor_sums is not None:
-            if len(members) == 1:
-                tensor_sums.append((members, row_sums[-1][2:4, None]))  # Σ M, Σ D of `summed`
-            else:
+            if len(members) == 1:  # Σ M is in `summed`; Σ C one more reduction (C read in place, not zeroed)
+                tensor_sums.append((members, torch.stack([c.sum(), row_sums[-1][2]])[:, None]))
+            else:  # rows C and M of the packed slice, still in cache
                 starts = scratch.starts(tuple(coord_sq[i].shape for i in members))
-                md = numpy.add.reduceat(rows.summed[2:4].numpy(), starts, axis=1)
-                tensor_sums.append((members, torch.from_numpy(md)))
+                cm = numpy.add.reduceat(scratch.work[1:5:3, : hi - lo].numpy(), starts, axis=1)
+                tensor_sums.append((members, torch.from_numpy(cm)))
         idx = _bin_index(rows, bins, consts, edges, alpha)
         if device.type == "cpu":
             counts.append(_count_bins(rows, idx, nbins, paired))
