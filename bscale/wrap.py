@@ -1234,12 +1234,12 @@ class ScaledOptimizer(Optimizer):
         with Triton by their bucket's fused launch; either way bounded by ``bucket_mb`` plus one gradient. Only the
         gradients of a backward that finds ``.grad`` set add memory: the first one's become ``.grad``.
         ``workspace``: in per-coordinate mode on the torch backend, the scratch rows of the per-coordinate pass
-        (eight float32 values per coordinate of its widest slice, ~9 MiB at most), kept by the thread for the next
-        step; the Triton kernel needs none."""
+        (eight float32 values per coordinate of its widest slice, ~9 MiB at most per thread that runs it), kept for
+        the next step and shared by every wrapper in the process; the Triton kernel needs none."""
         persistent = 0 if self._sums is None else self._sums.numel() * self._sums.element_size()
         persistent += sum(b.numel() * b.element_size() for b in self._coord_sq.values())
-        # The per-coordinate torch path's scratch: kept by the calling thread between steps (fresh pages each step
-        # would cost as much as the arithmetic), shared by every wrapper in it, and bounded whatever the model.
+        # The per-coordinate torch path's scratch: kept between steps (fresh pages each step would cost as much as
+        # the arithmetic), shared by every wrapper, and bounded whatever the model.
         workspace = scratch_bytes() if self._coord_sq else 0
         return {
             "persistent": persistent,

@@ -18,6 +18,7 @@ import functools
 import itertools
 import math
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -447,6 +448,8 @@ class _Scratch:
 
 
 _SCRATCH = threading.local()
+# Every thread's scratch while it lives (the autograd engine may run the pass on a device thread of its own).
+_LIVE: weakref.WeakSet[_Scratch] = weakref.WeakSet()
 
 
 def _scratch(width: int, device: torch.device, index_dtype: torch.dtype) -> _Scratch:
@@ -454,14 +457,15 @@ def _scratch(width: int, device: torch.device, index_dtype: torch.dtype) -> _Scr
     scratch = cache.get((device, index_dtype))
     if scratch is None or scratch.work.shape[1] < width:
         scratch = cache[(device, index_dtype)] = _Scratch(width, device, index_dtype)
+        _LIVE.add(scratch)
     return scratch
 
 
 def scratch_bytes() -> int:
-    """Bytes of the torch path's scratch this thread keeps between calls (every device): eight float32 rows and
-    the bin indices, each as wide as the widest slice so far (at most `_SLICE` elements, ~9 MiB)."""
-    cache = _SCRATCH.__dict__.get("buffers", {})
-    return sum(t.numel() * t.element_size() for s in cache.values() for t in (s.work, s.index, s.pairs))
+    """Bytes of the torch path's scratch kept between calls, by every thread that has run it (per thread and
+    device: eight float32 rows and the bin indices, as wide as its widest slice so far, at most `_SLICE`
+    elements, ~9 MiB)."""
+    return sum(t.numel() * t.element_size() for s in list(_LIVE) for t in (s.work, s.index, s.pairs))
 
 
 def _moments(
