@@ -715,10 +715,22 @@ class ScaledOptimizer(Optimizer):
 
     def _read_late(self) -> bool:
         """At step(), after fewer backwards than expected: read |.grad|² now if nothing modified it since."""
-        if self._versions is None or self._versions != self._grad_versions():
+        if self._versions is None or self._versions != self._grad_versions() or self._unscaled_by_scaler():
             return False
         self._read_accumulated()
         return self._have_big
+
+    def _unscaled_by_scaler(self) -> bool:
+        """Whether the ``grad_scaler`` has unscaled ``.grad`` in place this step (its ``unscale_()``, or its
+        ``step()`` on a non-fused optimizer), which leaves ``.grad``'s version as it was."""
+        scaler = self.grad_scaler
+        states = getattr(scaler, "_per_optimizer_states", None)
+        if states is None or not scaler.is_enabled():
+            return False
+        from torch.amp.grad_scaler import OptState
+
+        state = states.get(id(self))  # a defaultdict: get() adds no entry
+        return state is not None and state.get("stage") is OptState.UNSCALED
 
     @torch.no_grad()
     def _read_accumulated(self) -> None:
@@ -911,10 +923,10 @@ class ScaledOptimizer(Optimizer):
             # No backward since the last step: nothing to measure; the batch is unknown, keep the previous one.
             return self._last_batch
         self._expected_k = k_local  # the next step most likely accumulates as many microbatches
-        if not self._have_big and not self._read_late():
-            # Fewer backwards than expected, and .grad was modified (clipped, unscaled) before step(): its
-            # unmodified value is gone, so this one step is left out of the estimate (the next one reads in time).
-            return self._last_batch
+        # Fewer backwards than expected, and .grad was modified (clipped, unscaled) before step(): its unmodified
+        # value is gone, so this one step is left out of the estimate (the next one reads in time). Its examples
+        # are still counted, and its batch size is still the one the LR is scaled for.
+        unread = not self._have_big and not self._read_late()
         found_inf = getattr(self, "found_inf", None)
         scale = self._scaler_scale()
         device = self._sums.device
@@ -968,7 +980,7 @@ class ScaledOptimizer(Optimizer):
             inf_flag, loss_scale = (0.0 if found_inf is None else float(found_inf)), float(scale)
         self._last_batch = examples
         self._amp_skipped = inf_flag > 0
-        if inf_flag > 0 or not (math.isfinite(small_sum) and math.isfinite(big_sum)) or loss_scale == 0:
+        if unread or inf_flag > 0 or not (math.isfinite(small_sum) and math.isfinite(big_sum)) or loss_scale == 0:
             return examples
         # Units: hooks see c·g_j, .grad holds c·k_local·ḡ, c = loss scale × (1/k_local if the loss is a mean).
         c = loss_scale * (1.0 / k_local if self.loss_reduction == "mean" else 1.0)
