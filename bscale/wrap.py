@@ -313,6 +313,7 @@ class ScaledOptimizer(Optimizer):
         self._ride_out: torch.Tensor | None = None  # ddp=: the statistics reduced with DDP's last bucket
         self._ride_k = -1  # ... and the local microbatch count they carry
         self._rides = False  # ddp=: DDP's last bucket has carried the statistics (so it need not be sent early)
+        self._frozen: list[torch.Tensor] = []  # parameters that did not require grad when registered
         for group in optimizer.param_groups:
             self._register(group["params"])
 
@@ -375,6 +376,13 @@ class ScaledOptimizer(Optimizer):
         # would surface as a ZeroDivisionError far from its cause.
         _check_positive("microbatch_size", value)
         self._microbatch_size = value
+
+    def _register_unfrozen(self) -> None:
+        """After a step: parameters frozen when registered that now require grad are measured from the next step
+        on (the step they were unfrozen in measured the others alone, its sums and norms alike)."""
+        if any(p.requires_grad for p in self._frozen):
+            frozen, self._frozen = self._frozen, []
+            self._register(frozen)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer; its parameters are measured from the next backward on."""
@@ -451,7 +459,11 @@ class ScaledOptimizer(Optimizer):
 
     def _register(self, params: Iterable[torch.Tensor]) -> None:
         for p in params:
-            if not p.requires_grad or p in self._slot:
+            if p in self._slot:
+                continue
+            if not p.requires_grad:  # frozen (no hook can be put on it): registered once it is unfrozen
+                if all(f is not p for f in self._frozen):
+                    self._frozen.append(p)
                 continue
             slot = len(self._params)
             self._params.append(p)
@@ -482,6 +494,9 @@ class ScaledOptimizer(Optimizer):
                         return
                     if grad.is_sparse or grad.is_complex():
                         opt._on_unusual_grad(grad, slot)
+                        return
+                    if grad.dtype is torch.float64:  # the model was moved to float64 after wrapping
+                        opt._on_grad(grad, slot)
                         return
                     # .data: an alias with a TensorImpl of its own (so AccumulateGrad can still adopt the gradient
                     # as .grad without a copy), made without an op dispatch, unlike detach().
@@ -902,6 +917,8 @@ class ScaledOptimizer(Optimizer):
             for logger in self.loggers:
                 logger.log(self._readings(), self.steps)
         self._reset_step_stats()
+        if self._frozen:
+            self._register_unfrozen()
         return loss
 
     def _scaler_scale(self) -> torch.Tensor | float:

@@ -154,6 +154,47 @@ def test_frozen_parameters_are_skipped():
     assert opt.estimator.last_trace_sigma == pytest.approx(expected.trace_sigma, rel=1e-5)
 
 
+@pytest.mark.parametrize("per_coordinate", [False, True], ids=["default", "per_coordinate"])
+def test_parameters_unfrozen_later_are_measured_from_the_next_step(per_coordinate):
+    data = _data(4, 3)
+    model = _model()
+    model[0].requires_grad_(False)  # frozen when wrapped (a fine-tuning schedule that unfreezes layers later)
+    opt = wrap(torch.optim.Adam(model.parameters(), lr=0.0), microbatch_size=4, per_coordinate=per_coordinate)
+    for step, microbatches in enumerate(data):
+        if step == 2:
+            model[0].requires_grad_(True)
+        for x, y in microbatches:
+            (_loss(model, x, y) / 3).backward()
+        expected = _hand_estimates(model, microbatches, [4.0] * 3)  # every parameter that requires grad
+        opt.step()
+        opt.zero_grad()
+        got = (opt.stats["step_grad_sq"], opt.stats["step_trace_sigma"])
+        if step == 2:  # unfrozen during this step: it is measured without them, its sums and norms alike
+            model[0].requires_grad_(False)
+            expected = _hand_estimates(model, microbatches, [4.0] * 3)
+            model[0].requires_grad_(True)
+        assert got == pytest.approx((expected.grad_sq, expected.trace_sigma), rel=1e-5), step
+
+
+def test_model_moved_to_float64_after_wrapping():
+    data = _data(3, 3)
+    runs = []
+    for moved_after in (True, False):
+        model = _model()
+        if not moved_after:
+            model.double()
+        opt = wrap(torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=4)
+        if moved_after:
+            model.double()  # the same Parameter objects, now float64
+        for microbatches in data:
+            for x, y in microbatches:
+                (_loss(model, x.double(), y.double()) / 3).backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append(opt.estimator.state_dict())
+    assert runs[0] == runs[1]
+
+
 class _Branchy(torch.nn.Module):
     """``used`` always; ``sometimes`` only in the first microbatch of a step; ``never`` not at all."""
 
