@@ -321,6 +321,7 @@ class ScaledOptimizer(Optimizer):
         self.examples = 0.0
         self._stats: dict[str, float] | None = {}  # None: built from _stats_args when asked for
         self._warned_one_microbatch = False
+        self._warned_unfinished = False
         self._last_batch = math.nan
         self._ref_lr_seen = 0.0
         self._peak_pending_bytes = 0
@@ -402,7 +403,21 @@ class ScaledOptimizer(Optimizer):
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         sd = self.optimizer.state_dict()
-        sd["bscale"] = {
+        sd["bscale"] = self.bscale_state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, sd)
+            if out is not None:
+                sd = out
+        return sd
+
+    def bscale_state_dict(self) -> dict[str, Any]:
+        """The ``"bscale"`` entry of :meth:`state_dict` alone: the estimators, counters and controller.
+
+        For checkpoint APIs that build the optimizer's state dict themselves and keep only ``state`` and
+        ``param_groups`` (``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, used with FSDP2):
+        save this beside it and restore it with :meth:`load_bscale_state_dict` after loading theirs.
+        """
+        return {
             "estimator": self.estimator.state_dict(),
             "layers": {k: v.state_dict() for k, v in self._layer_estimators.items()},
             "steps": self.steps,
@@ -413,11 +428,6 @@ class ScaledOptimizer(Optimizer):
             "warned_one_microbatch": self._warned_one_microbatch,
             "controller": None if self.controller is None else self.controller.state_dict(),
         }
-        for hook in self._optimizer_state_dict_post_hooks.values():
-            out = hook(self, sd)
-            if out is not None:
-                sd = out
-        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by this wrapper (or by the bare optimizer: then the estimator starts fresh)."""
@@ -430,20 +440,7 @@ class ScaledOptimizer(Optimizer):
         ours = state_dict.pop("bscale", None)
         self.optimizer.load_state_dict(state_dict)
         if ours is not None:
-            self.estimator.load_state_dict(ours["estimator"])
-            self._layer_estimators = {}
-            for name, st in ours.get("layers", {}).items():
-                est = NoiseScaleEstimator(self.estimator.beta)
-                est.load_state_dict(st)
-                self._layer_estimators[name] = est
-            self.steps = ours["steps"]
-            self.examples = ours["examples"]
-            self.ref_batch = ours["ref_batch"]
-            self.ref_lr = ours["ref_lr"]
-            self._ref_lr_seen = ours.get("ref_lr_seen", 0.0)
-            self._warned_one_microbatch = ours.get("warned_one_microbatch", False)
-            if self.controller is not None and ours.get("controller") is not None:
-                self.controller.load_state_dict(ours["controller"])
+            self._load_ours(ours)
         else:
             # A bare optimizer's checkpoint: readings taken before the load belong to another trajectory.
             self.estimator.reset()
@@ -451,6 +448,34 @@ class ScaledOptimizer(Optimizer):
         self._reset_step_stats()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def load_bscale_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`bscale_state_dict` saved (the optimizer's own state is loaded separately)."""
+        if not isinstance(state, dict) or "estimator" not in state:
+            raise ValueError(
+                "load_bscale_state_dict takes the dict that bscale_state_dict() returned (the 'bscale' entry of "
+                f"state_dict()), got {type(state).__name__}"
+            )
+        self._readings()  # the readings so far stay those of the run before the load
+        self._load_ours(state)
+        self._reset_step_stats()
+
+    def _load_ours(self, ours: dict[str, Any]) -> None:
+        """The estimators, counters and controller from a ``"bscale"`` entry."""
+        self.estimator.load_state_dict(ours["estimator"])
+        self._layer_estimators = {}
+        for name, st in ours.get("layers", {}).items():
+            est = NoiseScaleEstimator(self.estimator.beta)
+            est.load_state_dict(st)
+            self._layer_estimators[name] = est
+        self.steps = ours["steps"]
+        self.examples = ours["examples"]
+        self.ref_batch = ours["ref_batch"]
+        self.ref_lr = ours["ref_lr"]
+        self._ref_lr_seen = ours.get("ref_lr_seen", 0.0)
+        self._warned_one_microbatch = ours.get("warned_one_microbatch", False)
+        if self.controller is not None and ours.get("controller") is not None:
+            self.controller.load_state_dict(ours["controller"])
 
     def __repr__(self) -> str:
         return f"bscale.{type(self).__name__}({self.optimizer!r}, rule={self.rule!r}, law={self.law!r})"
@@ -885,6 +910,11 @@ class ScaledOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._amp_skipped = False
+        if self._in_backward:
+            # A backward() whose end the wrapper never saw: its statistics and those of later backwards are
+            # incomplete, so the step is left out (and the state starts afresh for the next one).
+            self._warn_unfinished_backward()
+            self._reset_step_stats()
         batch = self._update_estimates()
         scale = self._lr_scale(batch)
         saved = self._apply_scaling(scale, batch)
@@ -1027,6 +1057,17 @@ class ScaledOptimizer(Optimizer):
             est = NoiseScaleEstimator(self.estimator.beta, ref_batch=self.estimator.ref_batch)
             self._layer_estimators[name] = est
         return est
+
+    def _warn_unfinished_backward(self) -> None:
+        if not self._warned_unfinished:
+            self._warned_unfinished = True
+            warnings.warn(
+                "bscale: a backward() of this step never reached its end (an exception was raised inside it), "
+                "so this step's statistics are left out. After an exception in backward(), call opt.zero_grad() "
+                "before the next microbatch.",
+                RuntimeWarning,
+                stacklevel=_caller_stacklevel(),
+            )
 
     def _warn_one_microbatch(self) -> None:
         if not self._warned_one_microbatch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import io
 import math
@@ -492,12 +493,79 @@ def test_checkpoint_resume_is_bitwise(per_coordinate):
         assert all(torch.equal(a, b) for a, b in zip(p1, p2, strict=True))
 
 
+def test_resume_through_distributed_checkpoint_state_dicts():
+    # torch.distributed.checkpoint's get/set_optimizer_state_dict (the FSDP2 path) rebuild the optimizer's state
+    # dict from `state` and `param_groups` alone: the estimator travels beside it, by bscale_state_dict().
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    data = _data(8, 3)
+    model = _model()
+    opt = _wrapped_adamw(model)
+    straight = list(_train_each(model, opt, data))
+
+    model = _model()
+    opt = _wrapped_adamw(model)
+    resumed = list(_train_each(model, opt, data[:4]))
+    ckpt = copy.deepcopy(
+        {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt), "bscale": opt.bscale_state_dict()}
+    )
+    model = _model(seed=7)
+    model.load_state_dict(ckpt["model"])
+    opt = _wrapped_adamw(model)
+    set_optimizer_state_dict(model, opt, ckpt["optim"])
+    opt.load_bscale_state_dict(ckpt["bscale"])
+    resumed += list(_train_each(model, opt, data[4:]))
+    assert math.isfinite(straight[-1]["noise_scale"])
+    for r1, r2 in zip(straight, resumed, strict=True):
+        assert all(_same_float(r1[k], r2[k]) for k in r1), {k: (r1[k], r2[k]) for k in r1 if r1[k] != r2[k]}
+    with pytest.raises(ValueError, match="bscale_state_dict"):
+        opt.load_bscale_state_dict(ckpt["optim"])
+
+
 def _train_each(model, opt, data):
     for microbatches in data:
         _backward(model, microbatches)
         opt.step()
         opt.zero_grad()
         yield opt.stats
+
+
+class _FailingBackward(torch.autograd.Function):
+    """Raises in backward, after the layers above it have had their gradients (an out-of-memory error, say)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("simulated failure in backward")
+
+
+def test_a_backward_that_raised_leaves_only_its_step_out_and_says_so():
+    data = _data(5, 3)
+    model = _model()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=4)
+    for step, microbatches in enumerate(data):
+        if step == 2:
+            x, _ = microbatches[0]
+            with pytest.raises(RuntimeError, match="simulated failure"):
+                model[2](torch.tanh(_FailingBackward.apply(model[0](x)))).sum().backward()
+            model.zero_grad()  # the batch skipped, by the model rather than the wrapper
+        for x, y in microbatches:
+            _loss_backward(model, x, y, len(microbatches))
+        if step == 2:
+            with pytest.warns(RuntimeWarning, match="never reached its end"):
+                opt.step()
+        else:
+            opt.step()
+        opt.zero_grad()
+    assert opt.estimator.steps == 4  # step 2 left out, the others read in full
+    assert opt.stats["microbatches"] == 3.0
+
+
+def _loss_backward(model, x, y, k):
+    (((model(x) - y) ** 2).mean() / k).backward()
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
