@@ -322,6 +322,7 @@ class ScaledOptimizer(Optimizer):
         self._stats: dict[str, float] | None = {}  # None: built from _stats_args when asked for
         self._warned_one_microbatch = False
         self._warned_unfinished = False
+        self._saw_backward = False  # any backward() reached the parameters since this wrapper was made
         self._last_batch = math.nan
         self._ref_lr_seen = 0.0
         self._peak_pending_bytes = 0
@@ -564,6 +565,7 @@ class ScaledOptimizer(Optimizer):
         self._first_slot = slot
         self._call = call
         self._in_backward = True
+        self._saw_backward = True
         # Runs once when this backward finishes, before DDP's own end-of-backward work (queued later).
         engine.queue_callback(self._end_backward)
         return True
@@ -1275,6 +1277,12 @@ class ScaledOptimizer(Optimizer):
         """Why :attr:`noise_scale` is ``None`` (or ``None`` when there is a reading)."""
         if self._warned_one_microbatch and self.estimator.steps == 0:
             return "one microbatch per step in one process: accumulate 2 or more, or train data-parallel"
+        if self.steps > 0 and not self._saw_backward and self.estimator.steps == 0:
+            return (
+                "no backward() has reached the wrapped optimizer's parameters: their hooks never ran (an optimizer "
+                "of copies whose .grad is assigned, such as fp32 master weights, is not measured; wrap one of the "
+                "parameters backward runs on)"
+            )
         return self.estimator.reading().reason
 
     @property

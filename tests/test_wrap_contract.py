@@ -568,6 +568,22 @@ def _loss_backward(model, x, y, k):
     (((model(x) - y) ** 2).mean() / k).backward()
 
 
+def test_an_optimizer_of_copies_no_backward_reaches_says_why_it_has_no_reading():
+    # fp32 master weights of a model: their .grad is assigned, no backward runs on them, no hook fires.
+    model = _model()
+    master = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    opt = wrap(torch.optim.SGD(master, lr=0.1), microbatch_size=4)
+    for microbatches in _data(2, 2):
+        for x, y in microbatches:
+            _loss_backward(model, x, y, 2)
+        for q, p in zip(master, model.parameters(), strict=True):
+            q.grad = p.grad.clone()
+        opt.step()
+        opt.zero_grad()
+        model.zero_grad()
+    assert opt.noise_scale is None and "no backward() has reached" in opt.reason
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------
 
 
