@@ -40,14 +40,20 @@ def test_accumulate_with_coord_sq_across_blocks(small_constants, dtype):
         torch.testing.assert_close(b.double(), b0.double() + g.double().pow(2), rtol=2e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("with_v", [False, True])
-def test_coordinate_stats_across_slices(small_constants, with_v):
+def _step_inputs(k: int, with_v: bool):
+    """S = Σ_j g_j and C = Σ_j g_j² of k fresh microbatches of `_tensors`, and Adam's v when `with_v`."""
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
-    k, b = 4, 8.0
     micro = [_tensors(torch.float32, gen) for _ in range(k)]
     sums = [sum(m[i] for m in micro) for i in range(len(micro[0]))]
     sq = [sum(m[i] ** 2 for m in micro) for i in range(len(micro[0]))]
     v = [torch.rand(t.shape, generator=gen) for t in sums] if with_v else None
+    return sums, sq, v
+
+
+@pytest.mark.parametrize("with_v", [False, True])
+def test_coordinate_stats_across_slices(small_constants, with_v):
+    k, b = 4, 8.0
+    sums, sq, v = _step_inputs(k, with_v)
     ref = coordinate_stats_reference(sums, sq, k, b, exp_avg_sq=v)
     got = coordinate_stats(sums, [t.clone() for t in sq], k, b, exp_avg_sq=v, backend="torch")
     assert set(got) == set(ref)
@@ -59,12 +65,8 @@ def test_coordinate_stats_across_slices(small_constants, with_v):
 def test_coordinate_stats_with_tensor_norms_across_slices(small_constants, with_v):
     # Lone tensors cut into several slices, small ones packed: each tensor's ΣC and |S|² against float64, and the
     # statistics are the plain call's, bit for bit (the norms come from rows it computes anyway).
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     k, b = 3, 4.0
-    micro = [_tensors(torch.float32, gen) for _ in range(k)]
-    sums = [sum(m[i] for m in micro) for i in range(len(micro[0]))]
-    sq = [sum(m[i] ** 2 for m in micro) for i in range(len(micro[0]))]
-    v = [torch.rand(t.shape, generator=gen) for t in sums] if with_v else None
+    sums, sq, v = _step_inputs(k, with_v)
     kept = [t.clone() for t in sq]
     out, norms = coord.coordinate_stats_and_sq_norms_cpu(sums, kept, v, k, b, 1e-8)
     plain = coord.coordinate_stats_trusted(sums, [t.clone() for t in sq], v, k, b, 1e-8, None, False, "torch")
