@@ -586,7 +586,7 @@ def _coordinate_stats_torch(
         if tensor_sums is not None:
             if len(members) == 1:  # Σ M is in `summed`; Σ C one more reduction (C read in place, not zeroed)
                 tensor_sums.append((members, torch.stack([c.sum(), row_sums[-1][2]])[:, None]))
-            else:  # rows C and M of the packed slice, still in cache
+            else:  # rows C and M of the packed slice (work rows 1 and 4, see `_Rows`), still in cache
                 starts = scratch.starts(tuple(coord_sq[i].shape for i in members))
                 cm = numpy.add.reduceat(scratch.work[1:5:3, : hi - lo].numpy(), starts, axis=1)
                 tensor_sums.append((members, torch.from_numpy(cm)))
