@@ -450,6 +450,14 @@ class ScaledOptimizer(Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer.__getstate__ keeps defaults, state and param_groups only, which would make a copy without its
+        # inner optimizer, hooks or estimator: copying and pickling are refused, with what to do instead.
+        raise TypeError(
+            "bscale: a wrapped optimizer cannot be copied or pickled (its hooks live on the model's parameters); "
+            "save opt.state_dict() and load it into a new bscale.wrap(...) of the copied model's optimizer"
+        )
+
     def load_bscale_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`bscale_state_dict` saved (the optimizer's own state is loaded separately)."""
         if not isinstance(state, dict) or "estimator" not in state:

@@ -6,6 +6,7 @@ import copy
 import gc
 import io
 import math
+import pickle
 import warnings
 import weakref
 
@@ -566,6 +567,13 @@ def test_a_backward_that_raised_leaves_only_its_step_out_and_says_so():
 
 def _loss_backward(model, x, y, k):
     (((model(x) - y) ** 2).mean() / k).backward()
+
+
+def test_copying_or_pickling_the_wrapper_says_what_to_do_instead():
+    opt = wrap(torch.optim.SGD(_model().parameters(), lr=0.1), microbatch_size=4)
+    for attempt in (copy.deepcopy, copy.copy, pickle.dumps):
+        with pytest.raises(TypeError, match=r"save opt\.state_dict\(\)"):
+            attempt(opt)
 
 
 def test_an_optimizer_of_copies_no_backward_reaches_says_why_it_has_no_reading():
