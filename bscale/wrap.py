@@ -313,7 +313,7 @@ class ScaledOptimizer(Optimizer):
         self._ride_out: torch.Tensor | None = None  # ddp=: the statistics reduced with DDP's last bucket
         self._ride_k = -1  # ... and the local microbatch count they carry
         self._rides = False  # ddp=: DDP's last bucket has carried the statistics (so it need not be sent early)
-        self._frozen: list[torch.Tensor] = []  # parameters that did not require grad when registered
+        self._frozen: dict[torch.Tensor, None] = {}  # parameters that did not require grad when registered
         for group in optimizer.param_groups:
             self._register(group["params"])
 
@@ -322,7 +322,8 @@ class ScaledOptimizer(Optimizer):
         self._stats: dict[str, float] | None = {}  # None: built from _stats_args when asked for
         self._warned_one_microbatch = False
         self._warned_unfinished = False
-        self._saw_backward = False  # any backward() reached the parameters since this wrapper was made
+        self._saw_backward = False  # any backward() reached the parameters since this wrapper was made ...
+        self._own_steps = 0  # ... and the steps it has taken (`steps` also counts those of a loaded checkpoint)
         self._last_batch = math.nan
         self._ref_lr_seen = 0.0
         self._peak_pending_bytes = 0
@@ -381,10 +382,19 @@ class ScaledOptimizer(Optimizer):
 
     def _register_unfrozen(self) -> None:
         """After a step: parameters frozen when registered that now require grad are measured from the next step
-        on (the step they were unfrozen in measured the others alone, its sums and norms alike)."""
-        if any(p.requires_grad for p in self._frozen):
-            frozen, self._frozen = self._frozen, []
-            self._register(frozen)
+        on (the step they were unfrozen in measured the others alone, its sums and norms alike).
+
+        Not under DDP, which buckets and synchronises only the parameters that required grad when it was built.
+        A hook that cannot be registered yet (FSDP2 passes requires_grad on at its next unshard) is tried again
+        after the next step."""
+        if self._dp.world_size > 1 and not self._dp.sharded:
+            return
+        for p in [p for p in self._frozen if p.requires_grad]:
+            try:
+                self._register([p])
+            except RuntimeError:
+                continue
+            del self._frozen[p]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer; its parameters are measured from the next backward on."""
@@ -496,10 +506,11 @@ class ScaledOptimizer(Optimizer):
             if p in self._slot:
                 continue
             if not p.requires_grad:  # frozen (no hook can be put on it): registered once it is unfrozen
-                if all(f is not p for f in self._frozen):
-                    self._frozen.append(p)
+                self._frozen[p] = None
                 continue
             slot = len(self._params)
+            # The hook first: a parameter whose hook cannot be registered gets no slot either.
+            self._hook_handles.append(self._dp.register_grad_hook(p, self._make_hook(slot, p)))
             self._params.append(p)
             self._slot[p] = slot
             name = self._param_names.get(p, f"param{slot}") if self._param_names is not None else f"param{slot}"
@@ -507,7 +518,6 @@ class ScaledOptimizer(Optimizer):
             if layer not in self._layers:
                 self._layers.append(layer)
             self._layer_of_slot.append(self._layers.index(layer))
-            self._hook_handles.append(self._dp.register_grad_hook(p, self._make_hook(slot, p)))
         self._slots_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _make_hook(self, slot: int, p: torch.Tensor) -> Callable[[torch.Tensor], None]:
@@ -920,8 +930,9 @@ class ScaledOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._amp_skipped = False
-        if self._in_backward:
-            # A backward() whose end the wrapper never saw: its statistics and those of later backwards are
+        if self._in_backward and torch._C._current_graph_task_id() == -1:
+            # A backward() whose end the wrapper never saw (and not one this step() runs inside, as an optimizer
+            # stepped from a post-accumulate hook does): its statistics and those of later backwards are
             # incomplete, so the step is left out (and the state starts afresh for the next one).
             self._warn_unfinished_backward()
             self._reset_step_stats()
@@ -944,6 +955,7 @@ class ScaledOptimizer(Optimizer):
             self._reset_step_stats()
             return loss
         self.steps += 1
+        self._own_steps += 1
         self._finish_stats(batch, scale)
         if self._dp.debug:
             self._dp.check_same(self._readings())  # every rank must hold these exact readings
@@ -984,6 +996,10 @@ class ScaledOptimizer(Optimizer):
         # value is gone, so this one step is left out of the estimate (the next one reads in time). Its examples
         # are still counted, and its batch size is still the one the LR is scaled for.
         unread = not self._have_big and not self._read_late()
+        if unread:
+            # NaN in this rank's |.grad|² reaches every rank through the step's reduction: all leave the step out,
+            # even where other ranks could read theirs (their estimators must stay identical).
+            self._big.fill_(math.nan)
         found_inf = getattr(self, "found_inf", None)
         scale = self._scaler_scale()
         device = self._sums.device
@@ -1285,7 +1301,7 @@ class ScaledOptimizer(Optimizer):
         """Why :attr:`noise_scale` is ``None`` (or ``None`` when there is a reading)."""
         if self._warned_one_microbatch and self.estimator.steps == 0:
             return "one microbatch per step in one process: accumulate 2 or more, or train data-parallel"
-        if self.steps > 0 and not self._saw_backward and self.estimator.steps == 0:
+        if self._own_steps > 0 and not self._saw_backward and self.estimator.steps == 0:
             return (
                 "no backward() has reached the wrapped optimizer's parameters: their hooks never ran (an optimizer "
                 "of copies whose .grad is assigned, such as fp32 master weights, is not measured; wrap one of the "
@@ -1338,6 +1354,7 @@ class ScaledOptimizer(Optimizer):
         for h in self._hook_handles:
             h.remove()
         self._hook_handles.clear()
+        self._frozen.clear()
 
 
 def wrap(optimizer: Optimizer, microbatch_size: float, **kwargs: Any) -> ScaledOptimizer:

@@ -216,6 +216,27 @@ def ddp_sync(c: Ctx) -> dict[str, Any]:
     return out
 
 
+def ddp_unread_one_rank(c: Ctx) -> dict[str, Any]:
+    """The accumulation count drops (3 then 2, 1): .grad is read in step(), and only rank 0 changes it in place
+    first. That rank cannot read it; every rank must then leave the step out, or their readings (and LR scales)
+    part."""
+    model = make_model()
+    ddp = _ddp(model)
+    opt = make_opt(ddp, named=model, debug=True)
+    out = []
+    sync = c.no_sync_but_last(ddp)
+    for step, a in enumerate((3, 3, 2, 1, 2)):
+        for micro in range(a):
+            with sync(micro == a - 1):
+                loss_of(ddp, step, c.rank, micro, a).backward()
+        if c.rank == 0 and step in (2, 3):
+            next(model.parameters()).grad.add_(0.0)  # in place: the version moves, the values do not
+        opt.step()
+        opt.zero_grad()
+        out.append(readings(opt))
+    return {"ddp_unread_one_rank": out, "ddp_unread_one_rank_steps": opt.estimator.steps}
+
+
 def ddp_fp16_hook(c: Ctx) -> dict[str, Any]:
     """A user's DDP communication hook (fp16 compression) keeps working beside bscale."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -476,6 +497,7 @@ SCENARIOS = (
     ddp_bucket_view_scaler,
     ddp_sync,
     ddp_varying_accum,
+    ddp_unread_one_rank,
     ddp_fp16_hook,
     ddp_ride,
     ddp_ride_more,

@@ -114,7 +114,9 @@ def test_matches_one_process(job, ref, run):
         assert_readings(result(job, rank, run), ref, what=f"{run} rank {rank}")
 
 
-@pytest.mark.parametrize("run", ["ddp_no_sync", "ddp_sync", "fsdp_no_sync", "ddp_fp16_hook", "resumed", *RIDES])
+@pytest.mark.parametrize(
+    "run", ["ddp_no_sync", "ddp_sync", "fsdp_no_sync", "ddp_fp16_hook", "resumed", "ddp_unread_one_rank", *RIDES]
+)
 def test_identical_on_every_rank(job, run):
     """Every rank holds bit-identical readings (and so applies the identical learning-rate scale)."""
     for rank in range(1, WORLD):
@@ -127,6 +129,11 @@ def test_changing_accumulation_count(job, run):
     want = W.reference(range(WORLD), W.VARYING, steps=len(W.VARYING))
     for rank in range(WORLD):
         assert_readings(result(job, rank, run), want, what=f"rank {rank}")
+
+
+def test_a_step_one_rank_cannot_read_is_left_out_on_every_rank(job):
+    # Steps 0, 1, 4 are read; 2 and 3 (fewer microbatches, .grad changed in place on rank 0) are left out.
+    assert [result(job, rank, "ddp_unread_one_rank_steps") for rank in range(WORLD)] == [3] * WORLD
 
 
 def test_fsdp_detected(job):

@@ -569,6 +569,40 @@ def _loss_backward(model, x, y, k):
     (((model(x) - y) ** 2).mean() / k).backward()
 
 
+def test_removed_hooks_stay_removed_when_a_frozen_parameter_is_unfrozen():
+    model = _model()
+    model[0].requires_grad_(False)
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=4)
+    data = _data(3, 2)
+    for step, microbatches in enumerate(data):
+        if step == 1:
+            opt.remove_hooks()
+            model[0].requires_grad_(True)
+        for x, y in microbatches:
+            _loss_backward(model, x, y, 2)
+        opt.step()
+        opt.zero_grad()
+    assert opt.estimator.steps == 1  # measured before remove_hooks() only
+
+
+def test_an_optimizer_stepped_inside_backward_is_not_taken_for_a_failed_backward():
+    # The "optimizer step in backward" pattern: step() from a post-accumulate-grad hook, while the backward runs.
+    model = _model()
+    opts = {p: wrap(torch.optim.SGD([p], lr=0.1), microbatch_size=4) for p in model.parameters()}
+
+    def step_now(p):
+        opts[p].step()
+        opts[p].zero_grad()
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(step_now)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*never reached its end")
+        warnings.filterwarnings("ignore", message=".*one microbatch per step")
+        for x, y in _data(1, 2)[0]:
+            _loss_backward(model, x, y, 1)
+
+
 def test_copying_or_pickling_the_wrapper_says_what_to_do_instead():
     opt = wrap(torch.optim.SGD(_model().parameters(), lr=0.1), microbatch_size=4)
     for attempt in (copy.deepcopy, copy.copy, pickle.dumps):
