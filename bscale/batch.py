@@ -20,6 +20,7 @@ double the batch each time the critical batch passes ``2B``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -47,9 +48,17 @@ class BatchChange(NamedTuple):
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """`value` as an int: a positive integer of any type (numpy's, or a float such as 128.0 that is one)."""
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
+
+
+def _real(name: str, value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return float(value)
 
 
 def _as_float(stats: Mapping[str, Any], key: str) -> float:
@@ -83,7 +92,7 @@ class StepCostMeter:
 
     def update(self, batch_size: int, seconds: float) -> None:
         """Add one timed step: ``batch_size`` examples took ``seconds``."""
-        _positive_int("batch_size", batch_size)
+        batch_size = _positive_int("batch_size", batch_size)
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (0 <= seconds < math.inf):
             raise ValueError(f"seconds must be a non-negative, finite duration, got {seconds!r}")
         self._n += 1
@@ -208,9 +217,9 @@ class BatchSizeController:
     ) -> None:
         if policy not in _POLICIES:
             raise ValueError(f"Unknown policy {policy!r}; choose one of {', '.join(map(repr, _POLICIES))}")
-        _positive_int("min_batch", min_batch)
-        _positive_int("max_batch", max_batch)
-        _positive_int("multiple_of", multiple_of)
+        min_batch = _positive_int("min_batch", min_batch)
+        max_batch = _positive_int("max_batch", max_batch)
+        multiple_of = _positive_int("multiple_of", multiple_of)
         if min_batch > max_batch:
             raise ValueError(f"min_batch={min_batch} exceeds max_batch={max_batch}; swap them or widen the range")
         lo = -(-min_batch // multiple_of) * multiple_of
@@ -244,15 +253,20 @@ class BatchSizeController:
             or min_examples_between < 0
         ):
             raise ValueError(f"min_examples_between must be a non-negative integer, got {min_examples_between!r}")
+        if not isinstance(grow_only, bool):
+            raise ValueError(f"grow_only must be True or False, got {grow_only!r}")
+        if max_rel_stderr is not None:
+            max_rel_stderr = _real("max_rel_stderr", max_rel_stderr, "a positive number or None")
         if max_rel_stderr is not None and not (0 < max_rel_stderr <= math.inf):
             raise ValueError(f"max_rel_stderr must be positive (or None to drop the gate), got {max_rel_stderr!r}")
         if hysteresis is None:
             hysteresis = _DEFAULT_HYSTERESIS[policy]
+        hysteresis = _real("hysteresis", hysteresis, "a finite factor >= 1 or None")
         if not (1.0 <= hysteresis < math.inf):
             raise ValueError(f"hysteresis must be a finite factor >= 1 (1 = no dead band), got {hysteresis!r}")
         if initial_batch is None:
             initial_batch = lo
-        _positive_int("initial_batch", initial_batch)
+        initial_batch = _positive_int("initial_batch", initial_batch)
         if not (lo <= initial_batch <= hi) or initial_batch % multiple_of:
             raise ValueError(
                 f"initial_batch={initial_batch} must be a multiple of multiple_of={multiple_of} "
@@ -344,7 +358,10 @@ class BatchSizeController:
             hint = "" if "noise_scale_stderr" not in missing else "; or pass max_rel_stderr=None to drop the gate"
             raise RuntimeError(f"observe() needs stats with keys {list(needed)}, missing {missing}{hint}")
         noise_scale = _as_float(stats, "noise_scale")
-        examples = int(stats["examples"])
+        examples = _as_float(stats, "examples")
+        if not (0 <= examples < math.inf):
+            raise ValueError(f"stats['examples'] must be a non-negative, finite count of examples, got {examples!r}")
+        examples = int(examples)
         if not (0 <= noise_scale < math.inf):
             return self._batch
         if self.max_rel_stderr is not None:
@@ -369,8 +386,8 @@ class BatchSizeController:
             microbatch_size: examples per forward/backward on one rank.
             world_size: data-parallel ranks. (default: 1)
         """
-        _positive_int("microbatch_size", microbatch_size)
-        _positive_int("world_size", world_size)
+        microbatch_size = _positive_int("microbatch_size", microbatch_size)
+        world_size = _positive_int("world_size", world_size)
         per_round = microbatch_size * world_size
         if self._batch % per_round:
             raise ValueError(

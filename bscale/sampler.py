@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
@@ -12,10 +13,17 @@ from torch.utils.data import Sampler
 __all__ = ["AdaptiveBatchSampler"]
 
 
+def _whole(value: Any) -> bool:
+    """An integer of any type: Python's, numpy's, or a float such as 4.0 that is one."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+
+
 def _non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not _whole(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return value
+    return int(value)
 
 
 class AdaptiveBatchSampler(Sampler[list[int]]):
@@ -33,7 +41,10 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
     ``batch_size × num_replicas``. Ranks stay in step as long as every rank calls :meth:`set_batch_size` with
     the same value at the same batch.
 
-    The last batch of an epoch may be short; with ``drop_last`` it is dropped instead.
+    The last batch of an epoch may be short; with ``drop_last`` it is dropped instead. Once an epoch's last
+    batch is handed out, the sampler is at the start of the next epoch (``epoch + 1``): a checkpoint taken
+    between epochs resumes with the next one, and a loop that never calls :meth:`set_epoch` still gets a fresh
+    permutation every epoch.
 
     The sampler tracks how far into the epoch it has handed out indices. A ``DataLoader`` with ``num_workers >
     0`` draws ``prefetch_factor × num_workers`` batches ahead of the training loop, so a new size reaches the
@@ -114,13 +125,14 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
 
     def set_batch_size(self, batch_size: int) -> None:
         """Use ``batch_size`` examples per rank from the next batch on."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not _whole(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer (examples per rank), got {batch_size!r}")
-        self.batch_size = batch_size
+        self.batch_size = int(batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` from its beginning; a no-op for the current epoch (e.g. just resumed)."""
-        _non_negative_int("epoch", epoch)
+        """Start epoch ``epoch`` from its beginning; a no-op for the current epoch (e.g. just resumed, or just
+        moved on to at the end of the last)."""
+        epoch = _non_negative_int("epoch", epoch)
         if epoch != self.epoch:
             self.epoch = epoch
             self._position = 0
@@ -148,8 +160,10 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             batch = shard[self._position : end]
             self._position = min(end, self.num_samples)
             yield batch
-        # The epoch ran out: the next iteration replays it unless set_epoch() moves on, as DistributedSampler
-        # does.
+        # The epoch is over: the sampler moves on to the next one, so a state_dict() taken between epochs resumes
+        # there (and not at the start of the finished epoch). set_epoch() with the next epoch is then a no-op, and
+        # with the finished one replays it.
+        self.epoch += 1
         self._position = 0
 
     def __len__(self) -> int:

@@ -8,6 +8,7 @@ tokens: whatever unit the run counts), the schedule ends where it should whateve
 from __future__ import annotations
 
 import math
+import numbers
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,9 +52,13 @@ def warmup_cosine(warmup_examples: float, total_examples: float, min_ratio: floa
         total_examples: examples at which the decay reaches ``min_ratio``; it stays there afterwards.
         min_ratio: the final factor, a fraction of the base learning rate. (default: 0.0)
     """
-    if isinstance(warmup_examples, bool) or not (0 <= warmup_examples < math.inf):
+    given = {"warmup_examples": warmup_examples, "total_examples": total_examples, "min_ratio": min_ratio}
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    if not (0 <= warmup_examples < math.inf):
         raise ValueError(f"warmup_examples must be a non-negative, finite count, got {warmup_examples!r}")
-    if isinstance(total_examples, bool) or not (warmup_examples < total_examples < math.inf):
+    if not (warmup_examples < total_examples < math.inf):
         raise ValueError(
             f"total_examples must be finite and exceed warmup_examples={warmup_examples!r}, got {total_examples!r}"
         )
@@ -121,7 +126,11 @@ class ExampleSchedule(LRScheduler):
             raise ValueError("lr_lambda must be a callable examples_seen -> factor (or a list of them)")
         if examples is not None and not callable(examples):
             raise ValueError(f"examples must be a callable returning the examples seen, got {examples!r}")
-        if total_examples is not None and not (0 < total_examples < math.inf):
+        if total_examples is not None and (
+            isinstance(total_examples, bool)
+            or not isinstance(total_examples, numbers.Real)
+            or not (0 < total_examples < math.inf)
+        ):
             raise ValueError(f"total_examples must be a positive, finite count, got {total_examples!r}")
         self._examples_fn = examples
         self.total_examples = total_examples

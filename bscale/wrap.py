@@ -91,6 +91,30 @@ def _backward_call() -> tuple[FrameType | None, bool]:
     return outer, bool(grad)
 
 
+def _check_adam_hparams_reach(optimizer: Optimizer, controller: Any, ref_batch: float | None) -> None:
+    """With scale_adam_hparams, the square-root rule sets β → 1 − κ(1 − β), which needs κ(1 − β) < 1: check
+    the controller's largest batch against every group's betas now rather than at the step that reaches it."""
+    top = getattr(controller, "max_batch", None)
+    ref = ref_batch if ref_batch is not None else getattr(controller, "batch_size", None)
+    if not isinstance(top, (int, float)) or not isinstance(ref, (int, float)) or ref <= 0:
+        return
+    kappa = top / ref
+    for group in optimizer.param_groups:
+        beta = min(float(b) for b in group.get("betas", (0.0,)))
+        if kappa * (1.0 - beta) >= 1.0 - 1e-12:
+            raise ValueError(
+                f"scale_adam_hparams=True with this controller can reach kappa = max_batch / ref_batch = {top:g} / "
+                f"{ref:g} = {kappa:g}, but the square-root rule needs kappa < 1/(1 - beta) = "
+                f"{1.0 / (1.0 - beta):.6g} for betas {tuple(group['betas'])}: lower max_batch to below "
+                f"{ref / (1.0 - beta):g}, pass a larger ref_batch, or drop scale_adam_hparams"
+            )
+
+
+def _whole(micro: float) -> float:
+    """128.0 or a numpy integer names the same microbatch as 128: the controller counts in Python ints."""
+    return int(micro) if float(micro).is_integer() else micro
+
+
 def _foreach_normable(g: torch.Tensor) -> bool:
     """`_foreach_norm(..., dtype=float32)` takes it: dense, real, and not float64 (which it will not narrow)."""
     return g.dtype != torch.float64 and not g.is_sparse and not g.is_complex()
@@ -239,6 +263,17 @@ class ScaledOptimizer(Optimizer):
                 f"Invalid grad_scaler: {type(grad_scaler).__name__}; pass the "
                 "torch.amp.GradScaler that scales the loss, or None"
             )
+        if controller is not None:
+            methods = ("observe", "accumulation_steps", "state_dict", "load_state_dict")
+            missing = [a for a in methods if not callable(getattr(controller, a, None))]
+            if isinstance(controller, type) or missing or not hasattr(controller, "batch_size"):
+                raise ValueError(
+                    f"Invalid controller: {controller!r} is not a batch-size controller (it needs observe(), "
+                    "accumulation_steps(), batch_size, state_dict() and load_state_dict()); pass an instance, e.g. "
+                    "controller=bscale.BatchSizeController(min_batch=..., max_batch=...)"
+                )
+            if scale_adam_hparams and rule is not None:
+                _check_adam_hparams_reach(optimizer, controller, ref_batch)
         if callable(getattr(loggers, "log", None)):
             raise ValueError("loggers takes a sequence of loggers: pass loggers=[logger]")
         loggers = list(loggers)
@@ -328,6 +363,10 @@ class ScaledOptimizer(Optimizer):
         self._ref_lr_seen = 0.0
         self._peak_pending_bytes = 0
         self._expected_k: int | None = None
+        # A controller's count: the full microbatch it was computed for (see `_nominal_microbatch`), its batch, the
+        # count; and the largest microbatch of the last step that had backwards.
+        self._controller_k: tuple[float, int, int | None] | None = None
+        self._last_full_micro: float | None = None
         # One float32 device buffer, two slots per parameter tensor, read to the host in one piece at step():
         self._sums: torch.Tensor | None = None
         self._small: torch.Tensor | None = None  # its first half: Σ_j |g_j|² per parameter tensor
@@ -754,7 +793,8 @@ class ScaledOptimizer(Optimizer):
         # queued (DDP's gradient synchronisation among them), so it sees the averaged .grad, still unclipped
         # and unscaled.
         engine = torch.autograd.Variable._execution_engine
-        if rode or self._expected_k is None or len(self._sizes) >= self._expected_k:
+        expected = self._expected_count()
+        if rode or expected is None or len(self._sizes) >= expected:
             engine.queue_callback(self._read_accumulated)
         else:
             self._have_big = False
@@ -837,7 +877,7 @@ class ScaledOptimizer(Optimizer):
                 # the same on every rank and need no reduction.
                 self._reduce = self._dp.rode(self._ride_out, self._big)
                 self._reduce_k = self._ride_k
-            elif len(self._sizes) == self._expected_k and not self._rides:
+            elif len(self._sizes) == self._expected_count() and not self._rides:
                 # The expected last backward: the ranks have just synchronised their gradients, so launch the
                 # step's one all-reduce now and let it run while they clip and step. (Without an expected count,
                 # e.g. on the first step, it is launched in step(): one collective per step on every rank, so
@@ -930,6 +970,8 @@ class ScaledOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._amp_skipped = False
+        if self._sizes:
+            self._last_full_micro = max(self._sizes)
         if self._in_backward and torch._C._current_graph_task_id() == -1:
             # A backward() whose end the wrapper never saw (and not one this step() runs inside, as an optimizer
             # stepped from a post-accumulate hook does): its statistics and those of later backwards are
@@ -961,10 +1003,6 @@ class ScaledOptimizer(Optimizer):
             self._dp.check_same(self._readings())  # every rank must hold these exact readings
         if self.controller is not None:
             self.controller.observe(self._readings())
-            try:
-                self._expected_k = self.accumulation_steps()
-            except (RuntimeError, ValueError):
-                self._expected_k = None  # not a whole number of microbatches: read after every backward
         if self.loggers and self.steps % self.log_every == 0:
             for logger in self.loggers:
                 logger.log(self._readings(), self.steps)
@@ -1316,18 +1354,51 @@ class ScaledOptimizer(Optimizer):
             return self.controller.batch_size
         return None if not math.isfinite(self._last_batch) else round(self._last_batch)
 
-    def accumulation_steps(self, world_size: int | None = None) -> int:
-        """Microbatches per rank for the next step under the controller: ``batch / (microbatch × world)``."""
+    def accumulation_steps(self, world_size: int | None = None, microbatch_size: float | None = None) -> int:
+        """Microbatches per rank for the current or next step under the controller: ``batch / (microbatch ×
+        world)``.
+
+        The microbatch is a full one: by default the largest of the step in progress, or of the last step before
+        any backward of the next (or, when larger, :attr:`microbatch_size`), so a short last microbatch of an
+        epoch does not change the count, in the middle of the step or after it.
+
+        Args:
+            world_size: data-parallel ranks (default: the process group's size).
+            microbatch_size: the full microbatch to count in, when it differs from all of those (default: None).
+        """
         if self.controller is None:
             raise RuntimeError(
                 "accumulation_steps() needs a controller: wrap(..., controller=BatchSizeController(...))"
             )
+        if microbatch_size is not None:
+            _check_positive("microbatch_size", microbatch_size)
         world = self._dp.world_size if world_size is None else world_size
-        micro = self.microbatch_size
-        # 128.0 or a numpy integer names the same microbatch as 128; the controller counts in Python ints.
-        if float(micro).is_integer():
-            micro = int(micro)
-        return self.controller.accumulation_steps(micro, world)
+        micro = self._nominal_microbatch() if microbatch_size is None else microbatch_size
+        return self.controller.accumulation_steps(_whole(micro), world)
+
+    def _nominal_microbatch(self) -> float:
+        """The step's full microbatch: its largest so far; before its first backward, the larger of the last
+        step's largest and the size set for the next backward (a sampler that grows the microbatch)."""
+        if self._sizes:
+            return max(self._sizes)
+        if self._last_full_micro is None:
+            return self.microbatch_size
+        return max(self._last_full_micro, float(self.microbatch_size))
+
+    def _expected_count(self) -> int | None:
+        """How many local backwards the step is expected to have (when to read ``.grad``): the controller's count
+        for the step's full microbatch, else the last step's count (None: unknown, read after every backward)."""
+        if self.controller is None:
+            return self._expected_k
+        micro, batch = self._nominal_microbatch(), self.controller.batch_size
+        cached = self._controller_k
+        if cached is None or cached[0] != micro or cached[1] != batch:
+            try:
+                count = self.controller.accumulation_steps(_whole(micro), self._dp.world_size)
+            except (TypeError, ValueError):
+                count = None  # not a whole number of microbatches: read after every backward
+            cached = self._controller_k = (micro, batch, count)
+        return cached[2]
 
     def memory_bytes(self) -> dict[str, int]:
         """Memory the wrapper holds: ``persistent`` buffers (two float32 values per parameter tensor, plus one

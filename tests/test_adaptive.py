@@ -176,6 +176,68 @@ def test_accumulation_steps_takes_the_microbatch_size_in_any_integral_form(micro
         opt.accumulation_steps()
 
 
+def _clipped_step(model, opt, sizes: list[int], step: int, k: int | None = None) -> list[int]:
+    """One nanoGPT step of microbatches of `sizes` (``opt.microbatch_size`` set before each backward), the loss
+    divided by ``opt.accumulation_steps()`` asked before each backward (or by `k`), then a clip and the step.
+    Returns the divisors used."""
+    divisors = []
+    for j, n in enumerate(sizes):
+        x, y = _microbatch(step, j)
+        opt.microbatch_size = n
+        divisors.append(opt.accumulation_steps() if k is None else k)
+        (torch.nn.functional.mse_loss(model(x[:n]), y[:n]) / divisors[-1]).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # .grad is no longer the unclipped sum after this
+    opt.step()
+    opt.zero_grad()
+    return divisors
+
+
+@pytest.mark.parametrize("short", [1, 2, 3])
+def test_a_short_last_microbatch_of_an_epoch_does_not_change_the_count(short):
+    # Microbatches of 4 in a batch of 16, and the epoch's last microbatch is short (1, 2 or 3 examples): the count
+    # stays 4 inside that step and after it, even while microbatch_size still holds the short size. (The short
+    # size made it 16 (1), 8 (2) or a ValueError (3) before.) Every step, the one after the short microbatch
+    # included, is read before the clip and reaches the estimator.
+    ctl = BatchSizeController(min_batch=4 * MICRO, max_batch=4 * MICRO, multiple_of=MICRO)
+    model = _mlp()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.01), microbatch_size=MICRO, controller=ctl)
+    for step in range(5):
+        sizes = [MICRO] * 3 + [short if step == 2 else MICRO]
+        updates = opt.estimator.steps
+        assert _clipped_step(model, opt, sizes, step) == [4] * 4
+        assert opt.estimator.steps == updates + 1, step
+        assert opt.stats["batch_size"] == sum(sizes)
+        assert opt.accumulation_steps() == 4 == opt.accumulation_steps(microbatch_size=MICRO)
+    assert opt.accumulation_steps(microbatch_size=2 * MICRO) == 2  # a full microbatch of another size, if asked
+
+
+def test_a_microbatch_that_grows_with_the_batch_is_read_at_its_steps_last_backward():
+    # A sampler grows the microbatch with the batch and the count stays 2 (sampler mode, as under DDP with one
+    # backward per rank). Each step's count is the one for the microbatch it runs: asked before the step's
+    # first backward, after the new size is set, and known to the wrapper by its first backward's end, so
+    # .grad is read before the clip at every step. (Before, the count for the next step was taken at step()
+    # from the old microbatch, twice too many: every step after a change was left out.)
+    ctl = _Script([8, 16, 32, 64, 64, 64])
+    model = _mlp()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.01), microbatch_size=MICRO, controller=ctl)
+    batches = []
+    for step in range(6):
+        micro = ctl.batch_size // 2
+        batches.append(ctl.batch_size)
+        updates = opt.estimator.steps
+        opt.microbatch_size = micro
+        assert opt.accumulation_steps() == 2
+        x, y = _microbatch(step, 0)
+        for _ in range(2):
+            xs = torch.cat([x] * (micro // MICRO))[:micro]
+            (torch.nn.functional.mse_loss(model(xs), torch.cat([y] * (micro // MICRO))[:micro]) / 2).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        opt.step()
+        opt.zero_grad()
+        assert opt.estimator.steps == updates + 1, (step, batches)
+    assert batches == [8, 16, 32, 64, 64, 64]
+
+
 # ---- what the inner optimizer sees -------------------------------------------------------------------------
 
 

@@ -343,6 +343,9 @@ OK = {"min_batch": 32, "max_batch": 1024}
         ((), OK | {"min_examples_between": -1}, "min_examples_between must be a non-negative integer"),
         ((), OK | {"max_rel_stderr": 0.0}, "max_rel_stderr must be positive"),
         ((), OK | {"hysteresis": 0.5}, r"hysteresis must be a finite factor >= 1"),
+        ((), OK | {"hysteresis": "2"}, r"hysteresis must be a finite factor >= 1 or None, got '2'"),
+        ((), OK | {"max_rel_stderr": "0.3"}, r"max_rel_stderr must be a positive number or None, got '0.3'"),
+        ((), OK | {"grow_only": "no"}, "grow_only must be True or False"),
         (
             (),
             OK | {"initial_batch": 48, "multiple_of": 32},
@@ -371,3 +374,17 @@ def test_bad_readings_and_calls():
         meter.update(0, 1.0)
     with pytest.raises(ValueError, match="seconds must be a non-negative, finite duration"):
         meter.update(8, math.nan)
+    with pytest.raises(ValueError, match="stats\\['examples'\\] must be a non-negative, finite count"):
+        ctl.observe({"noise_scale": 1.0, "noise_scale_stderr": 0.1, "examples": math.nan, "steps": 1})
+
+
+def test_integral_sizes_of_any_type_are_accepted():
+    # The wrapper reports batch_size as a float (stats are floats) and numpy gives np.int64: both name sizes.
+    ctl = BatchSizeController(min_batch=np.int64(32), max_batch=1024.0, multiple_of=np.int32(32))
+    assert (ctl.min_batch, ctl.max_batch, ctl.multiple_of) == (32, 1024, 32)
+    assert all(type(v) is int for v in (ctl.min_batch, ctl.max_batch, ctl.multiple_of, ctl.batch_size))
+    assert ctl.accumulation_steps(np.int64(8), 2.0) == 2
+    meter = StepCostMeter()
+    meter.update(128.0, 1.0)
+    meter.update(np.int64(256), 1.5)
+    assert meter.step_cost == pytest.approx(128.0)

@@ -6,6 +6,7 @@ import io
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -140,11 +141,12 @@ def test_epochs_reshuffle_and_set_epoch_keeps_a_resumed_position():
     s.set_epoch(1)
     e1 = flat(list(s))
     assert sorted(e0) == sorted(e1) == list(range(50)) and e0 != e1
+    assert s.epoch == 2  # the end of epoch 1 moved on to epoch 2
     it = iter(s)
     next(it)
-    s.set_epoch(1)  # the current epoch: a no-op, so a loop calling set_epoch after resuming keeps its place
+    s.set_epoch(2)  # the current epoch: a no-op, so a loop calling set_epoch after resuming keeps its place
     assert len(s) == 9
-    s.set_epoch(2)
+    s.set_epoch(3)
     assert len(s) == 10
 
 
@@ -185,6 +187,37 @@ def test_resume_mid_epoch_equals_uninterrupted(reps, drop_last):
             if len(got) in sizes:
                 resumed.set_batch_size(sizes[len(got)])
         assert got == expected
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_a_checkpoint_between_epochs_resumes_with_the_next_epoch(drop_last):
+    # The usual loop, checkpointed after each epoch; resumed from the checkpoint after epoch 0, it must go on with
+    # epoch 1, not replay epoch 0 (the finished epoch's state once read as "epoch 0, nothing consumed").
+    def run(sampler: AdaptiveBatchSampler, epochs: int, stop_after: int | None = None):
+        seen, state = [], None
+        for epoch in range(sampler.epoch, epochs):
+            sampler.set_epoch(epoch)
+            seen += [(epoch, b) for b in sampler]
+            state = roundtrip(sampler.state_dict())
+            if epoch == stop_after:
+                break
+        return seen, state
+
+    kw = {"seed": 3, "drop_last": drop_last}
+    whole, _ = run(AdaptiveBatchSampler(10, 4, **kw), 3)
+    first, state = run(AdaptiveBatchSampler(10, 4, **kw), 3, stop_after=0)
+    assert state["epoch"] == 1 and state["consumed"] == 0
+    resumed = AdaptiveBatchSampler(10, 4, **kw)
+    resumed.load_state_dict(state)
+    rest, _ = run(resumed, 3)
+    assert first + rest == whole
+    assert [e for e, _ in whole] == [0] * len(first) + [1] * (len(rest) // 2) + [2] * (len(rest) // 2)
+    # Without set_epoch each epoch is a new permutation; set_epoch with a finished epoch replays it.
+    free = AdaptiveBatchSampler(10, 4, **kw)
+    e0, e1 = flat(list(free)), flat(list(free))
+    assert e0 == flat([b for e, b in whole if e == 0]) and e1 == flat([b for e, b in whole if e == 1]) and e0 != e1
+    free.set_epoch(0)
+    assert flat(list(free)) == e0
 
 
 def test_resume_on_another_world_size():
@@ -234,7 +267,7 @@ def test_defaults_without_distributed():
         ((-1, 2), {}, "data_source_or_len must be a non-negative integer"),
         ((object(), 2), {}, "data_source_or_len must be a dataset with len"),
         ((10, 0), {}, r"batch_size must be a positive integer \(examples per rank\)"),
-        ((10, 2.0), {}, "batch_size must be a positive integer"),
+        ((10, 2.5), {}, "batch_size must be a positive integer"),
         ((10, 2), {"num_replicas": 0}, "num_replicas must be a positive integer"),
         ((10, 2), {"num_replicas": 2, "rank": 2}, r"rank must be an integer in \[0, 1\]"),
         ((10, 2), {"seed": 1.5}, "seed must be an integer"),
@@ -243,6 +276,13 @@ def test_defaults_without_distributed():
 def test_bad_arguments(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         AdaptiveBatchSampler(*args, **kwargs)
+
+
+def test_integral_batch_sizes_of_any_type():
+    s = AdaptiveBatchSampler(10, np.int64(4), shuffle=False)
+    s.set_batch_size(3.0)  # ctl.batch_size / world as a float, or the wrapper's float stats
+    assert s.batch_size == 3 and type(s.batch_size) is int
+    assert [len(b) for b in s] == [3, 3, 3, 1]
 
 
 def test_bad_state_and_calls():

@@ -182,6 +182,8 @@ def test_flat_namespace():
         ((10, 10), "total_examples must be finite and exceed warmup_examples=10"),
         ((0, math.inf), "total_examples must be finite"),
         ((0, 10, 1.5), r"min_ratio must lie in \[0, 1\]"),
+        (("10", 100), "warmup_examples must be a number, got '10'"),
+        ((10, 100, "0"), "min_ratio must be a number, got '0'"),
     ],
 )
 def test_bad_warmup_cosine(args, match):

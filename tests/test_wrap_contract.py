@@ -685,6 +685,21 @@ def _bad_calls():
             lambda: wrap(sgd, microbatch_size=4, rule="sqrt", scale_adam_hparams=True),
             "needs an optimizer with betas",
         ),
+        ("controller class", lambda: wrap(sgd, 4, controller=bscale.BatchSizeController), "Invalid controller"),
+        ("controller int", lambda: wrap(sgd, 4, controller=256), "Invalid controller"),
+        (
+            # A controller that can grow 64x with β1 = 0.9: the square-root rule fails past 10x, so at wrap(), not
+            # at the step that gets there.
+            "adam hparams past the controller's reach",
+            lambda: wrap(
+                torch.optim.Adam(layer.parameters()),
+                microbatch_size=4,
+                rule="sqrt",
+                scale_adam_hparams=True,
+                controller=bscale.BatchSizeController(min_batch=8, max_batch=512),
+            ),
+            "lower max_batch to below 80, pass a larger ref_batch",
+        ),
     ]
 
 
