@@ -22,8 +22,8 @@ __all__ = ["main"]
 # ------------------------------------------------------------------------------------------ argument types
 
 
-def _positive_whole(name: str) -> Callable[[str], int]:
-    """An argparse type: a whole number of examples > 0 (``"256"``, ``"1e3"``, ``"256.0"``)."""
+def _positive_whole(name: str, what: str = "examples") -> Callable[[str], int]:
+    """An argparse type: a whole number of `what` > 0 (``"256"``, ``"1e3"``, ``"256.0"``)."""
 
     def parse(text: str) -> int:
         try:
@@ -32,7 +32,7 @@ def _positive_whole(name: str) -> Callable[[str], int]:
             value = math.nan
         # The batch sizes on this command are those of actual runs, hence whole numbers of examples.
         if not (math.isfinite(value) and value > 0 and value == int(value)):
-            raise argparse.ArgumentTypeError(f"{name} must be a positive whole number of examples, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{name} must be a positive whole number of {what}, got {text!r}")
         return int(value)
 
     return parse

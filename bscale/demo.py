@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,11 +217,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The demo's command-line options (shared by ``bscale demo`` and ``python -m bscale.demo``)."""
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
-    p.add_argument("--microbatch", type=int, default=4, help="sequences per backward (default: 4)")
-    p.add_argument("--accum", type=int, default=2, help="initial microbatches per step (default: 2)")
-    p.add_argument("--max-accum", type=int, default=64, help="largest accumulation when growing (default: 64)")
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate at the initial batch (default: 2e-3)")
+    from .cli import _positive_real, _positive_whole
+
+    p.add_argument(
+        "--steps", type=_positive_whole("--steps", "steps"), default=300, help="optimizer steps (default: 300)"
+    )
+    p.add_argument(
+        "--microbatch", type=_positive_whole("--microbatch", "sequences"), default=4,
+        help="sequences per backward (default: 4)",
+    )  # fmt: skip
+    p.add_argument(
+        "--accum", type=_positive_whole("--accum", "microbatches"), default=2,
+        help="initial microbatches per step (default: 2)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-accum", type=_positive_whole("--max-accum", "microbatches"), default=64,
+        help="largest accumulation when growing, at least --accum (default: 64)",
+    )  # fmt: skip
+    p.add_argument(
+        "--lr", type=_positive_real("--lr", "a finite positive learning rate"), default=2e-3,
+        help="AdamW learning rate at the initial batch (default: 2e-3)",
+    )  # fmt: skip
     p.add_argument("--no-grow", action="store_true", help="keep the batch fixed (observe only)")
     p.add_argument("--out", default="bscale-demo", help="output folder for log.jsonl and noise_scale.png")
     p.add_argument("--seed", type=int, default=0)
@@ -233,6 +250,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if not args.no_grow and args.max_accum < args.accum:
+        print(
+            f"bscale demo: error: --max-accum ({args.max_accum}) must be at least --accum ({args.accum}), "
+            "or pass --no-grow",
+            file=sys.stderr,
+        )
+        return 2
     run_demo(
         steps=args.steps,
         microbatch=args.microbatch,

@@ -1,8 +1,9 @@
 """Loggers for a wrapped optimizer's statistics: JSON lines, TensorBoard, W&B, Lightning, plain logging.
 
 Every logger follows one small protocol (:class:`SupportsLog`): ``log(stats, step)`` with a flat mapping of
-names to floats (``opt.stats``), and ``close()`` once at the end. The wrapper calls both when given
-``loggers=[...]``; a training loop may call them itself. Values that are not finite (NaN before an estimate
+names to floats (``opt.stats``), and ``close()`` once at the end. Given ``loggers=[...]``, the wrapper calls
+``log`` every ``log_every`` steps; ``close()`` is the training loop's to call (or use the logger in a ``with``
+block), as the wrapper cannot tell the last step. Values that are not finite (NaN before an estimate
 exists, inf) are written as ``null`` by :class:`JSONLLogger` and left out by the other loggers, whose plots
 would otherwise break on them.
 
@@ -136,6 +137,7 @@ def format_noise_scale(value: float, stderr: float | None = None) -> str:
 
         format_noise_scale(1234.0, 98.0)  -> "1.23k ± 0.10k"
         format_noise_scale(950.0, 12.3)   -> "950 ± 12"
+        format_noise_scale(5123.0, 4.0)   -> "5.12k ± 0.004k"   (an error below the last digit: one digit of it)
         format_noise_scale(float("nan"))  -> "n/a"
 
     Args:
@@ -155,12 +157,20 @@ def format_noise_scale(value: float, stderr: float | None = None) -> str:
     stderr = abs(float(stderr))
     if math.isinf(stderr):
         return f"{text} ± inf"
-    return f"{text} ± {stderr / unit:.{decimals}f}{suffix}"
+    err = stderr / unit
+    shown = f"{err:.{decimals}f}"
+    if stderr > 0 and float(shown) == 0:  # an error below the value's last digit: one significant digit of it,
+        shown = f"{err:.1g}"  # or a bound where that takes an exponent
+        if "e" in shown or float(shown) == 0:
+            shown = f"<{10.0**-decimals:.{decimals}f}"
+    return f"{text} ± {shown}{suffix}"
 
 
 def _format_plain(value: float) -> str:
     if math.isnan(value):
         return "n/a"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
     if value == int(value) and abs(value) < 1e15:  # counts (batch size, examples) read best without decimals
         return str(int(value))
     return f"{value:.4g}"
@@ -180,7 +190,9 @@ class JSONLLogger(Logger):
       already logged. ``fsync=True`` also forces it to disk (survives a power cut, costs a disk round trip).
     * An existing file is **appended to** (``append=True``), so a run resumed from a checkpoint continues the
       same log. Steps between that checkpoint and the crash then appear twice; readers such as
-      :func:`bscale.plot_run` keep the later line for each step.
+      :func:`bscale.plot_run` keep the later line for each step. A last line the crash cut short is removed
+      first, so the log stays valid. For a fresh run, pass ``append=False`` (or a new file): a run appended
+      to an older run's log makes :func:`bscale.plot_run` draw only the last run, with a warning.
     * A key named ``"step"`` in ``stats`` is ignored: the ``step`` argument is the one written.
 
     Args:
@@ -197,6 +209,8 @@ class JSONLLogger(Logger):
             raise ValueError(f"path {str(self.path)!r} is a folder; pass a file name such as 'run.jsonl'")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fsync = bool(fsync)
+        if append:
+            _drop_cut_last_line(self.path)
         self._file: io.TextIOWrapper | None = open(  # held open across calls, closed in close()
             self.path, "a" if append else "w", encoding="utf-8"
         )
@@ -218,6 +232,34 @@ class JSONLLogger(Logger):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _drop_cut_last_line(path: Path) -> None:
+    """Truncate a log whose last line has no newline (the process died while writing it) after its last whole
+    line, so that lines appended next start on a line of their own."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            # Walk back to the last newline in blocks (the cut line is shorter than a block or two).
+            end = size
+            while end > 0:
+                start = max(0, end - 65536)
+                f.seek(start)
+                cut = f.read(end - start).rfind(b"\n")
+                if cut >= 0:
+                    f.truncate(start + cut + 1)
+                    break
+                end = start
+            else:
+                f.truncate(0)
+    except FileNotFoundError:
+        return
+    warnings.warn(f"{path}: removed a last line cut short by a crash before appending", RuntimeWarning, stacklevel=3)
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, float]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,15 +30,28 @@ def _load(source: str | os.PathLike[str] | Iterable[Mapping[str, Any]]) -> list[
 
 
 def _latest_per_step(records: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """One record per step, the last one written, in step order.
+    """One record per step, the last one written, in step order, from the log's last run.
 
     A run resumed from a checkpoint appends to its log, so the steps between the checkpoint and the crash
-    appear twice; the later lines belong to the run that continued.
+    appear twice; the later lines belong to the run that continued. A log whose steps go back to its first
+    step or before holds a new run appended to an old one (a script run again): only the last run is kept,
+    with a warning.
     """
     if not records or not all(isinstance(r.get("step"), (int, float)) for r in records):
         return records
+    start, first = 0, records[0]["step"]
+    for i in range(1, len(records)):
+        if records[i]["step"] <= first and records[i]["step"] < records[i - 1]["step"]:
+            start, first = i, records[i]["step"]
+    if start:
+        warnings.warn(
+            f"the log holds {start} records of an earlier run before the last one (its steps start over at line "
+            f"{start + 1}); only the last run is drawn. Pass append=False to JSONLLogger for a fresh log per run",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     latest: dict[float, Mapping[str, Any]] = {}
-    for record in records:
+    for record in records[start:]:
         latest[record["step"]] = record
     return [latest[s] for s in sorted(latest)]
 

@@ -1,14 +1,15 @@
 """Data-parallel training with a live gradient noise scale, checkpoints, and resumption after a lost rank.
 
     torchrun --nproc_per_node=2 examples/ddp_train.py                      # CPU (gloo) or GPUs (nccl)
-    torchrun --nproc_per_node=2 --max-restarts=1 examples/ddp_train.py --fail-at-step 60
+    torchrun --nproc_per_node=2 --max-restarts=1 examples/ddp_train.py --fail-at-step 60 --ckpt-dir runs/ddp_fail
 
 A small MLP learns scikit-learn's digits. Each step every rank runs ``--accum`` microbatches, all but the
 last under ``no_sync()``, so gradients cross ranks once per step; bscale takes the per-rank microbatch
 gradients as the small batch and the synchronised gradient as the big one (k = world × accum microbatches),
-and all-reduces a few scalars inside ``step()``. Rank 0 prints B_noise ± its standard error and saves model
-and optimizer state every ``--ckpt-every`` steps (the optimizer's state dict carries the estimator); a
-restarted job resumes from the last checkpoint. Every microbatch is drawn from a generator seeded by
+and its few scalars per step travel in DDP's own gradient all-reduce (``ddp=``). Rank 0 prints B_noise ± its
+standard error and saves model and optimizer state every ``--ckpt-every`` steps (the optimizer's state dict
+carries the estimator); a restarted job (or a new run in the same ``--ckpt-dir``) resumes from the last
+checkpoint. Every microbatch is drawn from a generator seeded by
 (seed, step, rank, microbatch), so a resumed run repeats the uninterrupted one exactly.
 """
 

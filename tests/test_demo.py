@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,27 @@ def test_demo_logs_live_noise_scale_and_plots_it(tmp_path, per_coordinate):
         assert 0.0 <= records[-1]["coord/frac_small_batch"] <= 1.0
         assert records[-1]["adam_preconditioned/noise_scale"] is not None
     _png(tmp_path / "noise_scale.png")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "0"], "--steps must be a positive whole number of steps, got '0'"),
+        (["--accum", "0"], "--accum must be a positive whole number of microbatches"),
+        (["--microbatch", "-2"], "--microbatch must be a positive whole number of sequences"),
+        (["--lr", "-1"], "--lr must be a finite positive learning rate"),
+        (["--max-accum", "1"], r"--max-accum \(1\) must be at least --accum \(2\), or pass --no-grow"),
+    ],
+)
+def test_demo_refuses_bad_options_before_training(tmp_path, capsys, args, message):
+    from bscale.cli import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(main(["demo", *args, "--quiet", "--out", str(out)]))
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()  # nothing trained, nothing written
 
 
 def test_demo_command_line(tmp_path):

@@ -10,6 +10,7 @@ import pickle
 import re
 import sys
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -177,6 +178,15 @@ def test_read_jsonl_round_trip_and_truncated_tail(tmp_path):
         f.write('{"step": 4, "noise_sc')  # a crash in the middle of a write
     with pytest.warns(RuntimeWarning, match="truncated last line"):
         assert len(read_jsonl(path)) == 1
+    # The run resumes and appends to the same log: the cut line is removed first, so the log stays readable
+    # (the new line used to be glued onto it, a malformed line in the middle that read_jsonl refuses).
+    with pytest.warns(RuntimeWarning, match="removed a last line cut short"), JSONLLogger(path) as logger:
+        logger.log({"noise_scale": 4.0}, 4)
+    assert [r["step"] for r in read_jsonl(path)] == [3, 4]
+    path.write_text('{"step": 1, "no')  # a crash in the log's first line
+    with pytest.warns(RuntimeWarning, match="removed a last line"), JSONLLogger(path) as logger:
+        logger.log({"noise_scale": 1.0}, 1)
+    assert read_jsonl(path) == [{"step": 1, "noise_scale": 1.0}]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
@@ -442,6 +452,9 @@ def test_lightning_is_plain_without_lightning(monkeypatch):
         (NAN, 3.0, "n/a"),
         (math.inf, None, "inf"),
         (100.0, math.inf, "100 ± inf"),
+        (5123.0, 4.0, "5.12k ± 0.004k"),  # an error below the last digit: one digit of it, never "± 0.00k"
+        (99.96, 0.4, "100 ± 0.4"),
+        (3e6, 1e-3, "3.00M ± <0.01M"),
     ],
 )
 def test_format_noise_scale(value, stderr, expected):
@@ -454,15 +467,20 @@ _SCALE = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 @settings(max_examples=300, deadline=None)
 @given(st.floats(min_value=1e-3, max_value=1e14), st.floats(min_value=0.0, max_value=1e14))
 def test_format_noise_scale_reads_back(value, stderr):
-    match = re.fullmatch(r"([0-9.]+)([kMGT]?) ± ([0-9.]+)([kMGT]?)", format_noise_scale(value, stderr))
+    match = re.fullmatch(r"([0-9.]+)([kMGT]?) ± (<?)([0-9.]+)([kMGT]?)", format_noise_scale(value, stderr))
     assert match is not None
-    number, unit, err, err_unit = match.groups()
+    number, unit, bound, err, err_unit = match.groups()
     assert unit == err_unit  # both in one unit, comparable at a glance
     assert len(number.replace(".", "").lstrip("0")) == 3  # three significant digits
     # Three significant digits: the value is off by at most half a unit in the last place.
     assert float(number) * _SCALE[unit] == pytest.approx(value, rel=5e-3)
-    half_ulp = 0.5 * 10 ** -(len(number.split(".")[1]) if "." in number else 0) * _SCALE[unit]
-    # Plus a few float64 ulps: the digits of a large stderr with decimals are beyond double precision.
+    if bound:  # an error too small for one digit without an exponent
+        assert 0 < stderr < float(err) * _SCALE[unit]
+        return
+    assert (float(err) > 0) == (stderr > 0)  # a nonzero error never reads as zero
+    # The error to the value's decimals, or (below its last digit) to its own first digit: off by at most half a
+    # unit in its last place, plus a few float64 ulps (a large stderr's digits are beyond double precision).
+    half_ulp = 0.5 * 10 ** -(len(err.split(".")[1]) if "." in err else 0) * _SCALE[unit]
     assert abs(float(err) * _SCALE[unit] - stderr) <= half_ulp * (1 + 1e-9) + 4 * math.ulp(stderr)
 
 
@@ -476,6 +494,10 @@ def test_print_logger_line(caplog):
     assert caplog.messages == [line]
     layer_line = PrintLogger(keys=["layer/fc1/noise_scale"]).format(stats, 1)
     assert layer_line == "step 1: layer/fc1/noise_scale 17.2"  # its stderr is NaN: value alone
+    # peak_batch is inf under the SGD law: printed, not an OverflowError raised from inside opt.step().
+    assert PrintLogger(keys=["peak_batch", "x"]).format({"peak_batch": math.inf, "x": -math.inf}, 2) == (
+        "step 2: peak_batch inf | x -inf"
+    )
 
 
 def test_print_logger_levels_and_names(caplog):
@@ -595,6 +617,22 @@ def test_plot_keeps_last_record_of_a_resumed_step():
     ]
     (line,) = _build_figure(records, None).axes[0].get_lines()
     assert list(line.get_ydata()) == [100.0, 250.0, 300.0]
+
+
+def test_plot_draws_only_the_last_of_two_runs_in_one_log():
+    # A script run twice with the same JSONLLogger file: the second, shorter run starts over at the first step.
+    # Merging by step would draw the new run for steps 10-20 and the old one after: only the last run is drawn.
+    old = [{"step": s, "examples": 10 * s, "noise_scale": 1.0} for s in (10, 20, 30, 40)]
+    new = [{"step": s, "examples": 10 * s, "noise_scale": 2.0} for s in (10, 20)]
+    with pytest.warns(RuntimeWarning, match="4 records of an earlier run .* line 5.* append=False"):
+        (line,) = _build_figure(old + new, None).axes[0].get_lines()
+    assert list(line.get_xdata()) == [100, 200] and list(line.get_ydata()) == [2.0, 2.0]
+    # A resume goes back to its checkpoint, after the log's first step: one run, no warning.
+    resumed = [{"step": s, "examples": 10 * s, "noise_scale": 3.0} for s in (20, 30, 40, 50)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (line,) = _build_figure(old + resumed, None).axes[0].get_lines()
+    assert list(line.get_ydata()) == [1.0, 3.0, 3.0, 3.0, 3.0]
 
 
 def test_plot_bad_input(tmp_path):
