@@ -190,9 +190,10 @@ class NoiseScaleEstimator:
 
     Each step's two-batch estimates are unbiased but very noisy (``|G|²`` is often negative), so the estimator keeps
     **separate** exponential moving averages of the two and reports their ratio; averaging per-step ratios would be
-    strongly biased (McCandlish App. A.1). The averages forget **per example seen**: a step of ``B`` examples
-    discounts the past by ``beta ** (B / ref_batch)``, so the smoothing horizon stays fixed in examples when the
-    batch size changes. They are bias-corrected like Adam's moments:
+    strongly biased (McCandlish App. A.1). The averages forget **per example seen**: a step of ``n`` examples
+    discounts the past by ``beta ** (n / ref_batch)``, so the smoothing horizon stays fixed in examples when the
+    batch size changes. (``n`` is the step's batch ``B`` unless given: with unequal microbatches the two-batch
+    formula's ``B = k·b`` is below the examples seen.) They are bias-corrected like Adam's moments:
 
     .. math::
         W_t = β_t W_{t-1} + (1 - β_t), \quad m_t = β_t m_{t-1} + (1-β_t) x_t, \quad \hat x = m_t / W_t
@@ -206,7 +207,7 @@ class NoiseScaleEstimator:
 
     Args:
         beta: per-step decay at the reference batch size (default: 0.99, a horizon of about 100 steps).
-        ref_batch: batch size at which one step decays by ``beta`` (default: the first step's batch).
+        ref_batch: batch size at which one step decays by ``beta`` (default: the first step's examples).
     """
 
     def __init__(self, beta: float = 0.99, *, ref_batch: float | None = None):
@@ -228,8 +229,12 @@ class NoiseScaleEstimator:
         self.last_grad_sq = math.nan
         self.last_trace_sigma = math.nan
 
-    def update(self, small_sq: float, big_sq: float, small_batch: float, big_batch: float) -> NoiseEstimate:
-        """Add one step's squared norms (see :func:`two_batch_estimates`); returns that step's raw estimates."""
+    def update(
+        self, small_sq: float, big_sq: float, small_batch: float, big_batch: float, examples: float | None = None
+    ) -> NoiseEstimate:
+        """Add one step's squared norms (see :func:`two_batch_estimates`); returns that step's raw estimates.
+
+        ``examples``: the examples the step saw, by which the averages forget (default: ``big_batch``)."""
         small_sq, big_sq = float(small_sq), float(big_sq)
         if not (math.isfinite(small_sq) and math.isfinite(big_sq)):
             raise ValueError(
@@ -237,7 +242,7 @@ class NoiseScaleEstimator:
                 "(as GradScaler does) instead of feeding them to the estimator"
             )
         est = two_batch_estimates(small_sq, big_sq, small_batch, big_batch)
-        return self.add(est.grad_sq, est.trace_sigma, big_batch)
+        return self.add(est.grad_sq, est.trace_sigma, big_batch if examples is None else examples)
 
     def add(self, grad_sq: float, trace_sigma: float, batch_size: float) -> NoiseEstimate:
         """Add one step's already-computed unbiased estimates, made from ``batch_size`` examples."""
@@ -329,7 +334,8 @@ class NoiseScaleEstimator:
         R = trace / G
         se_r = None
         if se_g is not None and se_t is not None:
-            var_r = (var_t - 2.0 * R * cov + R * R * var_g) / (G * G)
+            # Divided by G twice, not by G²: a tiny G (an estimator fed only zeros for a long time) would underflow G².
+            var_r = ((var_t / G) - 2.0 * R * (cov / G) + R * R * (var_g / G)) / G
             se_r = math.sqrt(max(var_r, 0.0)) if math.isfinite(var_r) else None
         return NoiseReading(R, se_r, G, se_g, trace, se_t, self.steps, self.examples, reason)
 

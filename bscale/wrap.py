@@ -164,7 +164,9 @@ class ScaledOptimizer(Optimizer):
         ref_lr: learning rate tuned at ``ref_batch``, used to report ``optimal_lr`` (default: the largest LR the
             first group has had, so the peak of a warmup-then-decay schedule).
         law: ``"sgd"`` or ``"adam"``, which optimal-LR law applies (default: from the optimizer's class).
-        beta: per-step smoothing of the estimator at the reference batch (default: 0.99, ~100 steps).
+        beta: per-step smoothing of the estimator at the batch of its first measured step (default: 0.99, ~100
+            steps of that size); the averages forget per example, so the horizon stays fixed in examples (steps of
+            a grown batch count for more).
         loss_reduction: ``"mean"`` if each microbatch loss is divided by the number of microbatches (nanoGPT's
             ``loss / accum``), ``"sum"`` if not (default: ``"mean"``). Only the absolute ``grad_sq`` and
             ``trace_sigma`` depend on it; the noise scale does not.
@@ -1101,7 +1103,7 @@ class ScaledOptimizer(Optimizer):
         if k < 2:
             self._warn_one_microbatch()
             return examples
-        self.estimator.update(small, big_sq, b, B)
+        self.estimator.update(small, big_sq, b, B, examples)
         if self._param_names is not None:
             L = len(self._layers)
             lay_small, lay_big = [0.0] * L, [0.0] * L
@@ -1109,9 +1111,13 @@ class ScaledOptimizer(Optimizer):
                 lay_small[layer] += small_sums[slot]
                 lay_big[layer] += big_sums[slot]
             for name, s, g in zip(self._layers, lay_small, lay_big, strict=True):
-                self._sub_estimator(name).update(s / k * to_true, g / m**2 * to_true, b, B)
+                if s == 0.0 and g == 0.0:
+                    # No gradient reached this module this step (frozen, an unused branch, an expert no token was
+                    # routed to): nothing measured, so its average is left as it stands rather than fed zeros.
+                    continue
+                self._sub_estimator(name).update(s / k * to_true, g / m**2 * to_true, b, B, examples)
         if coord is not None:
-            self._record_coordinate_stats(extra, k, b, B, c)
+            self._record_coordinate_stats(extra, k, b, B, c, examples)
         return examples
 
     def _sub_estimator(self, name: str) -> NoiseScaleEstimator:
@@ -1188,7 +1194,9 @@ class ScaledOptimizer(Optimizer):
             )
         return k_local, out
 
-    def _record_coordinate_stats(self, values: list[float], k: int, b: float, B: float, c: float) -> None:
+    def _record_coordinate_stats(
+        self, values: list[float], k: int, b: float, B: float, c: float, examples: float
+    ) -> None:
         d = dict(zip(self._COORD_KEYS, values[: len(self._COORD_KEYS)], strict=True))
         if not self._coord_precond:  # no Adam second moment to precondition with: those sums are not there
             d["precond_small"] = d["precond_big"] = math.nan
@@ -1207,7 +1215,7 @@ class ScaledOptimizer(Optimizer):
             est = self._sub_estimator("__adam_preconditioned__")
             # Squares of the hooks' c·g, like the plain sums (P, from Adam's v, is in .grad's unscaled units):
             # unscaled, so that steps under different loss scales (GradScaler's changes) weigh alike.
-            est.update(d["precond_small"] / (c * c), d["precond_big"] / (c * c), b, B)
+            est.update(d["precond_small"] / (c * c), d["precond_big"] / (c * c), b, B, examples)
 
     # ---- learning rate --------------------------------------------------------------------------------------------
 

@@ -410,6 +410,21 @@ def test_reading_with_a_non_positive_grad_sq_is_none_and_raw_keeps_it():
     assert "None" in repr(est)
 
 
+def test_reading_stays_finite_when_the_averages_decay_to_tiny_values():
+    # Steps of zero gradient shrink both averages by beta each, their ratio fixed; after ~37,000 of them at 0.99
+    # |G|² is ~1e-162, and its square underflows to 0 (the standard error once divided by it).
+    est = NoiseScaleEstimator(0.99)
+    for g, t in ((1.0, 50.0), (1.2, 52.0), (0.8, 49.0)):
+        est.add(g, t, 16)
+    ratio = est.reading().noise_scale
+    for _ in range(37_000):
+        est.add(0.0, 0.0, 16)
+    r = est.reading()
+    assert 0.0 < r.grad_sq < 1e-150 and r.grad_sq**2 == 0.0
+    assert r.noise_scale == pytest.approx(ratio, rel=1e-6)
+    assert r.noise_scale_stderr is not None and math.isfinite(r.noise_scale_stderr)
+
+
 def test_negative_trace_is_clamped_in_the_reading_only():
     est = NoiseScaleEstimator()
     est.add(1.0, -5.0, 16)

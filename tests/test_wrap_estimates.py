@@ -284,12 +284,30 @@ def test_unequal_last_microbatch_matches_the_harmonic_mean_estimator():
         (_loss(model, xm, ym) / len(sizes)).backward()
     opt.step()
     harmonic = len(sizes) / sum(1 / s for s in sizes)
-    # The reported batch is the examples the step saw; the estimator itself uses B = k·(harmonic mean).
+    # The reported batch is the examples the step saw; the two-batch formula itself uses B = k·(harmonic mean).
     assert opt.stats["batch_size"] == sum(sizes)
     assert opt.stats["examples"] == sum(sizes)
-    assert opt.estimator.examples == pytest.approx(len(sizes) * harmonic)
     assert opt.estimator.last_grad_sq == pytest.approx(expected.grad_sq, rel=1e-5)
     assert opt.estimator.last_trace_sigma == pytest.approx(expected.trace_sigma, rel=1e-5)
+    assert len(sizes) * harmonic < 10 < sum(sizes)
+    # ... but the averages forget by the examples seen (13 here, not k·b = 9.1), like the step's batch size.
+    assert opt.estimator.examples == sum(sizes) == opt.estimator.ref_batch
+
+
+def test_the_estimate_forgets_by_the_examples_each_step_saw():
+    # beta = 0.5 at the first step's 16 examples; a step of 13 examples in unequal microbatches then discounts
+    # the past by 0.5^(13/16), its examples, not by 0.5^(9.14/16), its two-batch B = k·(harmonic mean).
+    model = _model()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=4, beta=0.5)
+    g = torch.Generator().manual_seed(4)
+    for sizes in ([4, 4, 4, 4], [4, 4, 4, 1]):
+        for n in sizes:
+            opt.microbatch_size = n
+            (_loss(model, torch.randn(n, 6, generator=g), torch.randn(n, 1, generator=g)) / 4).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.estimator.ref_batch == 16 and opt.estimator.examples == 29
+    assert opt.estimator.weight == pytest.approx(1.0 - 0.5 ** (1.0 + 13 / 16), rel=1e-12)
 
 
 def _set_grads_to_none(model, opt):
@@ -423,6 +441,34 @@ def _known_answer_run(specs: dict[str, tuple[int, float, float]], *, steps=200, 
         opt.step()
         opt.zero_grad()
     return opt, truths
+
+
+def test_a_module_without_gradients_keeps_its_reading_and_is_not_fed_zeros():
+    # Per-module readings; module "a" is frozen after 5 steps. Its estimator must not take the steps it had no
+    # gradient in as zero gradients (that decayed its averages towards 0, until |G|² underflowed and the
+    # standard error divided by zero, raising from opt.stats): it keeps its last reading.
+    model = _Regressions({"a": 4, "b": 4})
+    opt = wrap(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        microbatch_size=8,
+        beta=0.5,
+        named_parameters=model.named_parameters(),
+    )
+    g = torch.Generator().manual_seed(5)
+    for step in range(12):
+        if step == 5:
+            model.a.weight.requires_grad_(False)
+        for _ in range(2):
+            x = torch.randn(8, 4, generator=g)
+            loss = sum(0.5 * (m(x).squeeze(-1) - x.sum(1)).pow(2).mean() for m in (model.a, model.b))
+            (loss / 2).backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 4:
+            frozen = {k: v for k, v in opt.stats.items() if k.startswith("layer/a/")}
+    layers = opt._layer_estimators
+    assert layers["a"].steps == 5 and layers["b"].steps == 12 == opt.estimator.steps
+    assert {k: v for k, v in opt.stats.items() if k.startswith("layer/a/")} == frozen
 
 
 @pytest.mark.slow
