@@ -246,8 +246,8 @@ def main(argv=None) -> int:
         "gradients held within a backward until one op takes their norms: on the CPU when the backward ends, on a",
         "GPU at their bucket's fused launch; either way bounded by `bucket_mb` (32 MiB) plus one gradient. The",
         "first backward of a step adds nothing: its gradients become `.grad`. *Workspace* is the per-coordinate",
-        "torch path's scratch, kept between steps: eight float32 rows as wide as its widest slice (at most 2^18",
-        "coordinates, ~9 MiB whatever the model), so it is several copies of a model this small and a few",
+        "torch path's scratch, kept between steps: nine float32 rows as wide as its widest slice (at most 2^18",
+        "coordinates, ~10 MiB whatever the model), so it is several copies of a model this small and a few",
         "percent of one from ~50M parameters; the Triton kernel needs none.",
     ]
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -135,6 +135,11 @@ def _build_figure(records: list[Mapping[str, Any]], title: str | None) -> Figure
         ax = axes[panel]
         ok = np.isfinite(x) & np.isfinite(regime)
         ax.plot(x[ok], regime[ok], color="C5")
+        noise_only = _column(records, "coord/frac_small_batch_noise_only")
+        ok = np.isfinite(x) & np.isfinite(noise_only)
+        if ok.any():  # the share that reads inside with no signal at all: the statistic's floor of meaning
+            ax.plot(x[ok], noise_only[ok], color="C5", linestyle=":", linewidth=1.0, label="pure noise")
+            ax.legend(loc="lower left", fontsize="small")
         ax.set_ylim(0.0, 1.0)
         ax.set_ylabel("small-batch\nregime share")
         ax.set_title("coordinates with B < πσ²/(2μ²) (Surge)", fontsize="medium")
@@ -158,7 +163,8 @@ def plot_run(
     * ``loss``, when the records have it;
     * ``lr_scale``, when the records have it, with a dashed line at 1 (the learning rate as set);
     * ``coord/frac_small_batch``, from per-coordinate mode: the share of coordinates inside Surge's small-batch
-      regime (the top panel then also draws ``adam_preconditioned/noise_scale``, dashed).
+      regime, dotted the share that would read inside with pure noise (the top panel then also draws
+      ``adam_preconditioned/noise_scale``, dashed).
 
     The x axis is ``examples`` (falling back to ``step``). Rows whose values are NaN or ``null`` (before the
     first estimate) are left out of the panel they would spoil. When a step appears more than once (a resumed

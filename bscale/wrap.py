@@ -16,6 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import laws
+from .coord_stats import noise_only_small_batch_fraction, unbiased_coordinate_sums
 from .distributed import DataParallel
 from .estimate import NoiseScaleEstimator
 from .kernels import resolve_backend
@@ -1201,12 +1202,18 @@ class ScaledOptimizer(Optimizer):
         if not self._coord_precond:  # no Adam second moment to precondition with: those sums are not there
             d["precond_small"] = d["precond_big"] = math.nan
         hist = values[len(self._COORD_KEYS) :]
-        # The kernels see gradients in the hooks' units (c·g): squares carry c², μ²/σ carries c.
+        # The kernels see gradients in the hooks' units (c·g): squares carry c², σ and μ²/σ carry |c|. Their sums
+        # of μ̂² and μ̂²/σ̂ carry the step's sampling noise; the ones reported are made unbiased (coord_stats.py).
+        sigma_sq = d["sum_sigma_sq"] / (c * c)
+        mu_sq, mu_sq_over_sigma = unbiased_coordinate_sums(
+            d["sum_mu_sq"] / (c * c), sigma_sq, d["sum_mu_sq_over_sigma"] / abs(c), d["sum_sigma"] / abs(c), k, B
+        )
         self._coord = {
-            "coord/sum_mu_sq": d["sum_mu_sq"] / (c * c),
-            "coord/sum_sigma_sq": d["sum_sigma_sq"] / (c * c),
-            "coord/sum_mu_sq_over_sigma": d["sum_mu_sq_over_sigma"] / abs(c),
+            "coord/sum_mu_sq": mu_sq,
+            "coord/sum_sigma_sq": sigma_sq,
+            "coord/sum_mu_sq_over_sigma": mu_sq_over_sigma,
             "coord/frac_small_batch": d["frac_small_batch"],
+            "coord/frac_small_batch_noise_only": noise_only_small_batch_fraction(k),
         }
         total = sum(hist) or 1.0
         for i, h in enumerate(hist):
@@ -1415,7 +1422,7 @@ class ScaledOptimizer(Optimizer):
         with Triton by their bucket's fused launch; either way bounded by ``bucket_mb`` plus one gradient. Only the
         gradients of a backward that finds ``.grad`` set add memory: the first one's become ``.grad``.
         ``workspace``: in per-coordinate mode on the torch backend, the scratch rows of the per-coordinate pass
-        (eight float32 values per coordinate of its widest slice, ~9 MiB at most per thread that runs it), kept for
+        (nine float32 values per coordinate of its widest slice, ~10 MiB at most per thread that runs it), kept for
         the next step and shared by every wrapper in the process; the Triton kernel needs none."""
         persistent = 0 if self._sums is None else self._sums.numel() * self._sums.element_size()
         persistent += sum(b.numel() * b.element_size() for b in self._coord_sq.values())

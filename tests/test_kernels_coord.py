@@ -19,7 +19,7 @@ BACKENDS = [
     "torch",
     pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="no triton")]),
 ]
-SCALARS = ["sum_mu_sq", "sum_sigma_sq", "sum_mu_sq_over_sigma", "num_coords", "frac_small_batch"]
+SCALARS = ["sum_mu_sq", "sum_sigma_sq", "sum_mu_sq_over_sigma", "num_coords", "frac_small_batch", "sum_sigma"]
 
 
 @pytest.fixture
@@ -60,6 +60,16 @@ def _mu_sq_over_sigma_atol(sums, coord, k: int, b: float) -> float:
     return float((term * 0.5 * 4 * eps * (m2[pos] + mu[pos] ** 2) / var[pos]).sum())
 
 
+def _sigma_atol(sums, coord, k: int, b: float) -> float:
+    """How far float32 arithmetic may move Σ σ̂: the variance m2 − μ̂² carries an absolute error of about
+    ε·(m2 + μ̂²) (×4 margin), and a square root moves by at most the root of an absolute error."""
+    s = torch.cat([t.double().reshape(-1) for t in sums])
+    c = torch.cat([t.double().reshape(-1) for t in coord])
+    mu, m2 = s / k, c / k
+    eps = torch.finfo(torch.float32).eps
+    return float((b * k / (k - 1) * 4 * eps * (m2 + mu**2)).sqrt().sum())
+
+
 def _check_against(stats, expected, *, rtol, what, hist_slack=0, inputs=None):
     """`inputs` = (sums, coord_sq, k, b): bound Σ μ̂²/σ̂ by its float32 conditioning on them (else rtol alone)."""
     n = float(expected["num_coords"])
@@ -69,6 +79,8 @@ def _check_against(stats, expected, *, rtol, what, hist_slack=0, inputs=None):
         atol = (hist_slack + 0.5) / n if key == "frac_small_batch" else 0.0
         if key == "sum_mu_sq_over_sigma" and inputs is not None:
             atol = _mu_sq_over_sigma_atol(*inputs)
+        if key == "sum_sigma" and inputs is not None:
+            atol = _sigma_atol(*inputs)
         assert_close_verbose(stats[key], expected[key], rtol=rtol, atol=atol, what=f"{what} {key}")
     hist, ref_hist = stats["snr_hist"].double(), expected["snr_hist"]
     assert hist.shape == ref_hist.shape and float(hist.sum()) == n, f"{what} snr_hist {hist} vs {ref_hist}"
@@ -123,6 +135,7 @@ def test_closed_form_from_microbatch_gradients(backend, seed):
         "sum_mu_sq": (mu**2).sum(),
         "sum_sigma_sq": sigma_sq.sum(),
         "sum_mu_sq_over_sigma": (mu**2 / sigma_sq.sqrt()).sum(),
+        "sum_sigma": sigma_sq.sqrt().sum(),
         "precond_small": sum((p * (g**2).mean(0)).sum() for p, g in zip(p2, gd, strict=True)),
         "precond_big": sum((p * m**2).sum() for p, m in zip(p2, mean, strict=True)),
     }
@@ -170,6 +183,11 @@ def test_synthetic_gaussian_coordinates(backend, seed):
     se = math.sqrt(float((2 * sigma**4 / (k - 1)).sum()))
     err = float(stats["sum_sigma_sq"]) - float((sigma**2).sum())
     assert abs(err) < 5 * se, f"{what}: Σσ̂² off by {err:.4g}, {err / se:.2f} standard errors"
+    # σ̂ = σ √(χ²_ν/ν): mean c2·σ, variance (1 − c2²)σ² per coordinate (σ = 0 coordinates add 0).
+    c2 = math.sqrt(2 / (k - 1)) * math.exp(math.lgamma(k / 2) - math.lgamma((k - 1) / 2))
+    se = math.sqrt(float(((1 - c2**2) * sigma**2).sum()))
+    err = float(stats["sum_sigma"]) - c2 * float(sigma.sum())
+    assert abs(err) < 5 * se, f"{what}: Σσ̂ off by {err:.4g}, {err / se:.2f} standard errors"
 
     # P(snr̂ < e) for every edge, per group (λ is a group constant); bin probabilities are differences.
     lam = [big_b * r**2 for r in group_snr]

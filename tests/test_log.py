@@ -597,6 +597,11 @@ def test_plot_per_coordinate_columns():
     (line,) = regime_ax.get_lines()
     assert list(line.get_ydata()) == [r["coord/frac_small_batch"] for r in records[2:]]
     assert regime_ax.get_ylim() == (0.0, 1.0)
+    # With the pure-noise level in the records, it is drawn beside the share (dotted).
+    for r in records[2:]:
+        r["coord/frac_small_batch_noise_only"] = 0.7
+    _, noise_only = _build_figure(records, None).axes[3].get_lines()
+    assert list(noise_only.get_ydata()) == [0.7] * len(records[2:]) and noise_only.get_linestyle() == ":"
 
 
 def test_plot_without_optional_columns_and_without_estimates(tmp_path):

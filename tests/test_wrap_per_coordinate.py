@@ -53,9 +53,14 @@ def test_per_coordinate_sums_match_the_closed_form():
     mean = {key: sum(r[key] for r in rows) / len(rows) for key in rows[-1] if key.startswith("coord/")}
     # Unbiased per-example variance summed over coordinates.
     assert mean["coord/sum_sigma_sq"] == pytest.approx(sigma_sq, rel=0.05)
-    # Σ μ̂_i² over the step's batch is |G|² plus the noise of a mean over B examples.
-    assert mean["coord/sum_mu_sq"] == pytest.approx(d2 + sigma_sq / batch, rel=0.05)
+    # Σ μ̂_i² over the step's batch is |G|² plus the noise of a mean over B examples (σ²/B, 8% of it here): the
+    # reported sum has that taken out, and so has Σ μ̂²/σ̂ its noise (coord_stats.py).
+    assert batch * d2 < 16 * sigma_sq
+    assert mean["coord/sum_mu_sq"] == pytest.approx(d2, rel=0.05)
+    sigma_i = (d2 + S**2 + delta**2).sqrt()
+    assert mean["coord/sum_mu_sq_over_sigma"] == pytest.approx(float((delta**2 / sigma_i).sum()), rel=0.05)
     assert 0.0 <= mean["coord/frac_small_batch"] <= 1.0
+    assert rows[-1]["coord/frac_small_batch_noise_only"] == pytest.approx(0.7496697, abs=1e-6)  # P(F(1, 7) < π/2)
     hist = [v for k, v in rows[-1].items() if k.startswith("coord/snr_hist/")]
     assert len(hist) >= 3 and math.isclose(sum(hist), 1.0, rel_tol=1e-6)
     assert math.isfinite(rows[-1]["adam_preconditioned/noise_scale"])
@@ -207,5 +212,5 @@ def test_memory_bytes_counts_the_buffer_per_parameter_and_the_workspace():
     assert plain["workspace"] == 0
     coord["workspace"] -= before
     assert coord["persistent"] - plain["persistent"] == 4 * n  # one float32 value per coordinate
-    # The torch path's scratch, sized to this model (one slice): eight float32 rows and the int16 bin indices.
-    assert 8 * 4 * n <= coord["workspace"] <= 8 * 4 * n + 4 * (n + 1)
+    # The torch path's scratch, sized to this model (one slice): nine float32 rows and the int16 bin indices.
+    assert 9 * 4 * n <= coord["workspace"] <= 9 * 4 * n + 4 * (n + 1)

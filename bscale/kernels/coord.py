@@ -41,11 +41,12 @@ SLOTS: tuple[str, ...] = (
     "precond_small",
     "precond_big",
     "frac_small_batch",
+    "sum_sigma",
 )
 
 # Elements per slice of the torch path. A slice costs ~22 whole-slice eager ops whatever its size: at 2^18,
 # their dispatch (5-15 µs an op) is a few percent of the arithmetic (~7 ns an element on one core), while
-# the eight float32 scratch rows and the int16 bin indices (9 MiB) stay in the L3 cache; 2^17 measures the
+# the nine float32 scratch rows and the int16 bin indices (10 MiB) stay in the L3 cache; 2^17 measures the
 # same, smaller slices pay more dispatch and larger ones spill. Slice sums are pairwise float32 sums over at
 # most this many terms (relative error ~1e-7).
 _SLICE = 1 << 18
@@ -168,14 +169,17 @@ def coordinate_stats(
     .. math::
         \texttt{sum\_mu\_sq} = \sum \hat\mu^2, \quad
         \texttt{sum\_sigma\_sq} = \sum \hat\sigma^2, \quad
-        \texttt{sum\_mu\_sq\_over\_sigma} = \sum_{\hat\sigma > 0} \hat\mu^2 / \hat\sigma, \\
+        \texttt{sum\_mu\_sq\_over\_sigma} = \sum_{\hat\sigma > 0} \hat\mu^2 / \hat\sigma, \quad
+        \texttt{sum\_sigma} = \sum \hat\sigma, \\
         \texttt{precond\_small} = \sum P^2 m_2, \quad \texttt{precond\_big} = \sum P^2 \hat\mu^2, \quad
         \texttt{frac\_small\_batch} = \frac{1}{N}\#\{B < \pi\hat\sigma^2 / (2\hat\mu^2)\}
 
-    `sum_mu_sq_over_sigma` is the numerator of the small-batch Surge law (eq. 16: erf(x) ≈ 2x/√π turns
-    Σ E_i μ_i into √(2B/π) Σ μ_i²/σ_i); `frac_small_batch` is the share of coordinates inside the regime of
-    Surge thm. 3 (μ̂ = 0 counts as inside); `precond_small`/`precond_big` are |P g|² averaged over microbatches
-    and |P ḡ|², the two batch sizes of McCandlish App. A.1 for the preconditioned gradient. `snr_hist` counts
+    These are plug-in sums of one step's estimates (:mod:`bscale.coord_stats` turns Σ μ̂² and Σ μ̂²/σ̂ into
+    unbiased ones with the help of `sum_sigma`). `sum_mu_sq_over_sigma` is the numerator of the small-batch
+    Surge law (eq. 16: erf(x) ≈ 2x/√π turns Σ E_i μ_i into √(2B/π) Σ μ_i²/σ_i); `frac_small_batch` is the
+    share of coordinates inside the regime of Surge thm. 3 (μ̂ = 0 counts as inside); `precond_small` and
+    `precond_big` are |P g|² averaged over microbatches and |P ḡ|², the two batch sizes of McCandlish App. A.1
+    for the preconditioned gradient. `snr_hist` counts
     |μ̂|/σ̂ in `len(snr_edges) + 1` bins: bin 0 below the first edge, bin i in [edge[i-1], edge[i]), the last
     bin at or above the last edge together with every coordinate where σ̂ = 0.
 
@@ -200,7 +204,7 @@ def coordinate_stats(
 
     Returns:
         dict[str, Tensor]: 0-d float32 tensors `sum_mu_sq`, `sum_sigma_sq`, `sum_mu_sq_over_sigma`,
-        `num_coords`, `frac_small_batch` (and `precond_small`, `precond_big` with `exp_avg_sq`), and the
+        `sum_sigma`, `num_coords`, `frac_small_batch` (and `precond_small`, `precond_big` with `exp_avg_sq`), and the
         float32 vector `snr_hist`; all are views of one buffer on the tensors' device. No host sync.
     """
     grad_sums, coord_sq = list(grad_sums), list(coord_sq)
@@ -378,9 +382,10 @@ class _Rows(NamedTuple):
     x: torch.Tensor  # M/√D
     m: torch.Tensor  # M
     d: torch.Tensor  # D
+    r: torch.Tensor  # √D
     p_c: torch.Tensor  # P²C
     p_m: torch.Tensor  # P²M
-    summed: torch.Tensor  # flags, M/√D, M, D[, P²C, P²M]: added up per slice by one reduction
+    summed: torch.Tensor  # flags, M/√D, M, D, √D[, P²C, P²M]: added up per slice by one reduction
     index: torch.Tensor  # the bin of each element
     spare: torch.Tensor  # the element after `index`, when n is odd the partner of its last element
     first: torch.Tensor  # `index` in two halves (the second ends at `spare` when n is odd)
@@ -389,7 +394,7 @@ class _Rows(NamedTuple):
 
 
 class _Scratch:
-    """Eight float32 rows of `width` (see `_Rows`) and two integer bin-index rows, with views into them.
+    """Nine float32 rows of `width` (see `_Rows`) and two integer bin-index rows, with views into them.
 
     Kept per thread and device between calls (`_scratch`): fresh multi-MiB buffers come from mmap, and their
     first touch (page faults) costs as much as the arithmetic on them. The views are kept too, by slice width
@@ -399,7 +404,7 @@ class _Scratch:
     """
 
     def __init__(self, width: int, device: torch.device, index_dtype: torch.dtype) -> None:
-        self.work = torch.empty(8, width, dtype=torch.float32, device=device)
+        self.work = torch.empty(9, width, dtype=torch.float32, device=device)
         self.index = torch.empty(width + 1, dtype=index_dtype, device=device)
         self.pairs = torch.empty((width + 1) // 2, dtype=index_dtype, device=device)
         self._rows: dict[tuple[int, bool], _Rows] = {}
@@ -410,9 +415,9 @@ class _Scratch:
         rows = self._rows.get((n, precond))
         if rows is None:
             work, index, half = self.work[:, :n], self.index, (n + 1) // 2
-            t, c, p, x, m, d, p_c, p_m = work
+            t, c, p, x, m, d, r, p_c, p_m = work
             rows = _Rows(
-                t, c, p, x, m, d, p_c, p_m, work[2 : 8 if precond else 6], index[:n], index[n : n + 1],
+                t, c, p, x, m, d, r, p_c, p_m, work[2 : 9 if precond else 7], index[:n], index[n : n + 1],
                 index[:half], index[half : 2 * half], self.pairs[:half],
             )  # fmt: skip
             if len(self._rows) >= 16:
@@ -463,8 +468,8 @@ def _scratch(width: int, device: torch.device, index_dtype: torch.dtype) -> _Scr
 
 def scratch_bytes() -> int:
     """Bytes of the torch path's scratch kept between calls, by every thread that has run it (per thread and
-    device: eight float32 rows and the bin indices, as wide as its widest slice so far, at most `_SLICE`
-    elements, ~9 MiB)."""
+    device: nine float32 rows and the bin indices, as wide as its widest slice so far, at most `_SLICE`
+    elements, ~10 MiB)."""
     return sum(t.numel() * t.element_size() for s in list(_LIVE) for t in (s.work, s.index, s.pairs))
 
 
@@ -491,8 +496,10 @@ def _moments(
         torch.mul(p, rows.m, out=rows.p_m)
     if zero_c:
         c.zero_()
-    # M/√D, with σ̂ = 0 (rsqrt = inf) dropped from Σ μ̂²/σ̂; a NaN input stays NaN.
-    torch.rsqrt(d, out=rows.x).nan_to_num_(nan=math.nan, posinf=0.0).mul_(rows.m)
+    # 1/√D, then √D = D/√D and M/√D, with σ̂ = 0 (rsqrt = inf) dropped from Σ μ̂²/σ̂; a NaN input stays NaN.
+    torch.rsqrt(d, out=rows.x).nan_to_num_(nan=math.nan, posinf=0.0)
+    torch.mul(rows.x, d, out=rows.r)
+    rows.x.mul_(rows.m)
     # T: NaN where μ̂ = σ̂ = 0 (0/0), inf where σ̂ = 0 < |μ̂|.
     torch.div(rows.m, d, out=rows.t)
     # Outside the regime: T >= cut. NaN compares False, so μ̂ = 0 counts as inside.
@@ -680,18 +687,19 @@ def _assembly_tables(
     """`(gather, weight, dest, bias)`: output entry j is bias[j] + Σ parts[gather[i]] · weight[i] over the i
     with dest[i] = j, where `parts` is the row sums, then the bincount.
 
-    Row sums are (outside, Σ M/√D, Σ M, Σ D[, Σ P²C, Σ P²M]); a paired bincount entry a·(nbins + 1) + b
+    Row sums are (outside, Σ M/√D, Σ M, Σ D, Σ √D[, Σ P²C, Σ P²M]); a paired bincount entry a·(nbins + 1) + b
     counts bin a and bin b (bin nbins is the filler of an odd slice). Each output entry reads only its own
     terms, so that an inf or NaN in one sum cannot reach the others.
     """
     c3 = 1.0 / (k * math.sqrt(b / (k - 1.0)))
     # (row, output slot, weight): Σ μ̂² = Σ M / k, Σ σ̂² = b/(k−1) Σ D, Σ μ̂²/σ̂ = c3 Σ M/√D,
-    # Σ P² m2 = Σ P²C / k, Σ P² μ̂² = Σ P²M / k, frac = 1 − outside / N.
+    # Σ P² m2 = Σ P²C / k, Σ P² μ̂² = Σ P²M / k, frac = 1 − outside / N, Σ σ̂ = √(b/(k−1)) Σ √D.
     terms = [(2, 0, 1.0 / k), (3, 1, b / (k - 1.0)), (1, 2, c3), (0, 6, -1.0 / max(total, 1))]
+    terms += [(4, 7, math.sqrt(b / (k - 1.0)))]
     if precond:
-        terms += [(4, 4, 1.0 / k), (5, 5, 1.0 / k)]
+        terms += [(5, 4, 1.0 / k), (6, 5, 1.0 / k)]
     gather, dest, weight = (list(column) for column in zip(*terms, strict=True))
-    first = 6 if precond else 4
+    first = 7 if precond else 5
     for entry in range((nbins + 1) ** 2 if paired else nbins):
         for bin_ in divmod(entry, nbins + 1) if paired else (entry,):
             if bin_ < nbins:

@@ -20,13 +20,13 @@ from ._triton_common import launch_config, load_f32
 _S_ADDR, _S_CODE, _C_ADDR, _V_ADDR, _V_CODE, _NUMEL = range(6)
 _WIDTH = 6
 # Output vector: sum_mu_sq, sum_sigma_sq, sum_mu_sq_over_sigma, num_coords, precond_small, precond_big,
-# frac_small_batch, then the histogram.
-NUM_SCALARS = 7
+# frac_small_batch, sum_sigma, then the histogram.
+NUM_SCALARS = 8
 
 
 @triton.jit
 def _coord_block(
-    acc_mu2, acc_sig2, acc_ratio, acc_inside, acc_small, acc_big, acc_hist,
+    acc_mu2, acc_sig2, acc_sig, acc_ratio, acc_inside, acc_small, acc_big, acc_hist,
     s_addr, s_code, coord, v_addr, v_code, offs, mask, edges_ptr, inv_k, var_scale, two_big_b, eps,
     NUM_EDGES: tl.constexpr, NUM_BINS_P2: tl.constexpr, PRECOND: tl.constexpr, RESET: tl.constexpr,
     ALIGNED: tl.constexpr,
@@ -60,7 +60,7 @@ def _coord_block(
         p2 = p * p
         acc_small += p2 * m2
         acc_big += p2 * mu2
-    return acc_mu2 + mu2, acc_sig2 + sig2, acc_ratio + ratio, acc_inside, acc_small, acc_big, acc_hist
+    return acc_mu2 + mu2, acc_sig2 + sig2, acc_sig + sig, acc_ratio + ratio, acc_inside, acc_small, acc_big, acc_hist
 
 
 @triton.jit
@@ -101,6 +101,7 @@ def _coord_stats_kernel(
 
     acc_mu2 = tl.zeros([BLOCK], dtype=tl.float32)
     acc_sig2 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_sig = tl.zeros([BLOCK], dtype=tl.float32)
     acc_ratio = tl.zeros([BLOCK], dtype=tl.float32)
     acc_inside = tl.zeros([BLOCK], dtype=tl.float32)
     acc_small = tl.zeros([BLOCK], dtype=tl.float32)
@@ -111,15 +112,15 @@ def _coord_stats_kernel(
     whole = stop - stop % BLOCK
     everywhere = tl.full([BLOCK], True, tl.int1)
     for off in range(0, whole, BLOCK):
-        acc_mu2, acc_sig2, acc_ratio, acc_inside, acc_small, acc_big, acc_hist = _coord_block(
-            acc_mu2, acc_sig2, acc_ratio, acc_inside, acc_small, acc_big, acc_hist,
+        acc_mu2, acc_sig2, acc_sig, acc_ratio, acc_inside, acc_small, acc_big, acc_hist = _coord_block(
+            acc_mu2, acc_sig2, acc_sig, acc_ratio, acc_inside, acc_small, acc_big, acc_hist,
             s_addr, s_code, coord, v_addr, v_code, start + off + tl.arange(0, BLOCK), everywhere, edges_ptr,
             inv_k, var_scale, two_big_b, eps, NUM_EDGES, NUM_BINS_P2, PRECOND, RESET, ALIGNED,
         )  # fmt: skip
     if whole < stop:
         offs = start + whole + tl.arange(0, BLOCK)
-        acc_mu2, acc_sig2, acc_ratio, acc_inside, acc_small, acc_big, acc_hist = _coord_block(
-            acc_mu2, acc_sig2, acc_ratio, acc_inside, acc_small, acc_big, acc_hist,
+        acc_mu2, acc_sig2, acc_sig, acc_ratio, acc_inside, acc_small, acc_big, acc_hist = _coord_block(
+            acc_mu2, acc_sig2, acc_sig, acc_ratio, acc_inside, acc_small, acc_big, acc_hist,
             s_addr, s_code, coord, v_addr, v_code, offs, offs < numel, edges_ptr,
             inv_k, var_scale, two_big_b, eps, NUM_EDGES, NUM_BINS_P2, PRECOND, RESET, ALIGNED,
         )  # fmt: skip
@@ -133,8 +134,9 @@ def _coord_stats_kernel(
         tl.atomic_add(out_ptr + 4, tl.sum(acc_small, axis=0))
         tl.atomic_add(out_ptr + 5, tl.sum(acc_big, axis=0))
     tl.atomic_add(out_ptr + 6, tl.sum(acc_inside, axis=0) * inv_num_coords)
+    tl.atomic_add(out_ptr + 7, tl.sum(acc_sig, axis=0))
     bin_ids = tl.arange(0, NUM_BINS_P2)
-    tl.atomic_add(out_ptr + 7 + bin_ids, acc_hist.to(tl.float32), mask=bin_ids < NUM_EDGES + 1)
+    tl.atomic_add(out_ptr + 8 + bin_ids, acc_hist.to(tl.float32), mask=bin_ids < NUM_EDGES + 1)
 
 
 def coordinate_stats_triton(

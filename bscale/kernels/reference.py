@@ -49,6 +49,7 @@ def coordinate_stats_reference(
         "sum_mu_sq_over_sigma": torch.where(pos, mu**2 / safe, torch.zeros_like(mu)).sum(),
         "num_coords": torch.tensor(float(mu.numel()), dtype=torch.float64),
         "frac_small_batch": inside.double().mean() if mu.numel() else torch.tensor(0.0, dtype=torch.float64),
+        "sum_sigma": sigma.sum(),
         "snr_hist": torch.bincount(bins, minlength=edges.numel() + 1).double(),
     }
     if exp_avg_sq is not None:
