@@ -186,6 +186,7 @@ def run_demo(
             f"loss {total:.3f} | B_noise {bscale.format_noise_scale(stats['noise_scale'], stats['noise_scale_stderr'])}"
             f" tok | batch {int(stats['batch_size'])} | lr×{stats['lr_scale']:.2f}"
             + ("" if regime is None else f" | small-batch regime {regime:.0%}")
+            + ("" if regime is None else f" (pure noise {stats['coord/frac_small_batch_noise_only']:.0%})")
         )
         if controller is not None:
             k = opt.accumulation_steps()
