@@ -545,8 +545,10 @@ class DataParallel:
         if k_sq * W != k_sum * k_sum:
             raise RuntimeError(
                 f"bscale: ranks ran different numbers of microbatches in this step (total {k_sum:.0f} "
-                f"over {W} ranks, unequal); DDP and FSDP2 average gradients over ranks, so give every rank "
-                "the same number of backward() calls per step (DistributedSampler pads the last batches)"
+                f"over {W} ranks, unequal; a microbatch is a backward() that reached this optimizer's "
+                "parameters); DDP and FSDP2 average gradients over ranks, so give every rank the same number "
+                "of backward() calls per step, each reaching the parameters (DistributedSampler pads the last "
+                "batches)"
             )
         return {
             "values": host[:n],
@@ -581,8 +583,10 @@ class DataParallel:
         parts = [x, -x, nan, -nan]
         vec = torch.cat(parts).to(device)
         if check_grad:
-            g = self._local_check.reshape(1).to(device)
-            vec = torch.cat([vec, g, -g])
+            # A step left out (NaN: its norms could not be read) takes no part: -inf loses every MAX.
+            g = self._local_check.reshape(1).to(device=device, dtype=torch.float64)
+            g = torch.cat([g, -g]).nan_to_num_(nan=-math.inf)
+            vec = torch.cat([vec, g])
         dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=self.group)
         out = vec.tolist()
         m = len(names)
@@ -598,7 +602,7 @@ class DataParallel:
                 )
         if check_grad:
             hi, lo = out[4 * m], -out[4 * m + 1]
-            if not math.isclose(hi, lo, rel_tol=1e-5, abs_tol=0.0):
+            if math.isfinite(hi) and not math.isclose(hi, lo, rel_tol=1e-5, abs_tol=0.0):
                 raise RuntimeError(
                     f"bscale debug: the accumulated gradient's squared norm differs across ranks (min "
                     f"{lo!r}, max {hi!r}): the last backward of the step did not synchronise gradients; call "

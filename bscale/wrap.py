@@ -340,6 +340,7 @@ class ScaledOptimizer(Optimizer):
         self._step_norm_slots: list[int] = []  # ... and its parameter's slot
         self._held: list[torch.Tensor] = []  # torch backend: gradients of this backward, normed at its end
         self._held_slots: list[int] = []
+        self._held_versions: list[int] = []  # ... and their version counters when held
         self._held_bytes = 0  # ... and their bytes
         self._peak_held_bytes = 0
         self._in_backward = False
@@ -571,6 +572,7 @@ class ScaledOptimizer(Optimizer):
             # the backward ends (or `bucket_mb` fills). In the middle of a backward, each op costs far more than
             # measured alone (code and data are out of cache there): the fewer ops, the cheaper.
             held_append, held_slots_append = self._held.append, self._held_slots.append
+            held_versions_append = self._held_versions.append
             nbytes = p.numel() * p.element_size()
 
             def held_hook(grad: torch.Tensor) -> None:
@@ -588,6 +590,7 @@ class ScaledOptimizer(Optimizer):
                     # as .grad without a copy), made without an op dispatch, unlike detach().
                     held_append(grad.data)
                     held_slots_append(slot)
+                    held_versions_append(grad._version)
                     opt._held_bytes += nbytes
                     if opt._held_bytes >= opt._bucket_bytes:
                         opt._norm_held()
@@ -762,10 +765,26 @@ class ScaledOptimizer(Optimizer):
             self._coord_sq[slot] = buf
         return buf
 
+    def _adopted_and_modified(self) -> bool:
+        """Whether a held gradient that became ``.grad`` (adopted, not added: the step's first backward) was
+        changed in place before its norm was taken: by an end-of-backward callback queued before this wrapper's,
+        such as the gradient all-reduce of DDP's first iteration with ``static_graph=True``. Its norm would then
+        be of the changed (averaged) gradient, not of the microbatch's."""
+        if self._sizes or self._dp.sharded:
+            return False
+        params = self._params
+        for g, slot, version in zip(self._held, self._held_slots, self._held_versions, strict=True):
+            grad = params[slot].grad
+            if grad is not None and grad._version != version and grad.data_ptr() == g.data_ptr():
+                return True
+        return False
+
     @torch.no_grad()
     def _norm_held(self) -> None:
         """Norm the held gradients (one op) and flush the pending ones."""
         if self._held:
+            if self._adopted_and_modified():
+                self._held_modified = True
             self._peak_held_bytes = max(self._peak_held_bytes, self._held_bytes)
             if self.per_coordinate:  # float32 buffers: g*g is promoted before rounding
                 bufs = [self._coord_buffer(s, g) for s, g in zip(self._held_slots, self._held, strict=True)]
@@ -775,6 +794,7 @@ class ScaledOptimizer(Optimizer):
                 self._step_norm_slots.extend(self._held_slots)
             self._held.clear()
             self._held_slots.clear()
+            self._held_versions.clear()
             self._held_bytes = 0
         self._flush()
 
@@ -940,7 +960,9 @@ class ScaledOptimizer(Optimizer):
         self._step_norm_slots.clear()
         self._held.clear()
         self._held_slots.clear()
+        self._held_versions.clear()
         self._held_bytes = 0
+        self._held_modified = False  # a held gradient changed in place before its norm (see _norm_held)
         self._pending_bytes = 0
         self._in_backward = False
         self._skipping = False  # an autograd.grad() that raised never ran its end callback
@@ -1029,6 +1051,16 @@ class ScaledOptimizer(Optimizer):
         k_local = len(self._sizes)
         self._step_microbatches = float(k_local * self._dp.world_size)
         self._add_norms()
+        if k_local == 0 and self._dp.world_size > 1 and self._params:
+            # No backward reached these parameters on this rank. The others may have had some: this rank still
+            # sends the step's collective (zeros), so that unequal counts raise the usual error instead of
+            # leaving the ranks' collectives out of step.
+            self._ensure_sums(self._params[0].device)
+            if self._reduce is None:
+                self._start_reduce()
+            self._dp.finish_reduce(self._reduce)
+            self._reduce = None
+            return self._last_batch
         if k_local == 0 or self._sums is None:
             # No backward since the last step: nothing to measure; the batch is unknown, keep the previous one.
             return self._last_batch
@@ -1036,7 +1068,8 @@ class ScaledOptimizer(Optimizer):
         # Fewer backwards than expected, and .grad was modified (clipped, unscaled) before step(): its unmodified
         # value is gone, so this one step is left out of the estimate (the next one reads in time). Its examples
         # are still counted, and its batch size is still the one the LR is scaled for.
-        unread = not self._have_big and not self._read_late()
+        # A microbatch's norm taken after its gradient was changed in place is no reading either.
+        unread = self._held_modified or (not self._have_big and not self._read_late())
         if unread:
             # NaN in this rank's |.grad|² reaches every rank through the step's reduction: all leave the step out,
             # even where other ranks could read theirs (their estimators must stay identical).

@@ -237,6 +237,34 @@ def ddp_unread_one_rank(c: Ctx) -> dict[str, Any]:
     return {"ddp_unread_one_rank": out, "ddp_unread_one_rank_steps": opt.estimator.steps}
 
 
+def ddp_static_graph_and_untouched(c: Ctx) -> dict[str, Any]:
+    """(a) DDP with static_graph=True (no ddp=): its first iteration all-reduces every gradient in a callback
+    queued before the wrapper's, in place in the .grad that the first microbatch's gradient became, before its
+    norm is taken. That step must be left out (its norm would be the average's), the later ones equal DDP
+    without static_graph. (b) One rank's backwards never reach the optimizer's parameters: the ranks must raise
+    the unequal-count error, not send mismatched collectives."""
+    out = {}
+    for name, static in (("ddp_static_graph", True), ("ddp_dynamic_graph", False)):
+        model = make_model()
+        ddp = _ddp(model, static_graph=static)
+        opt = make_opt(ddp, named=model, debug=True, rule=None)  # the same parameters whatever the readings
+        out[name] = train(ddp, opt, c.rank, c.accum, range(STEPS), _always_sync)
+        out[f"{name}_steps"] = opt.estimator.steps
+
+    model, head = make_model(), nn.Linear(D_OUT, 1)
+    opt = make_opt(head)
+
+    def head_on_rank_0_only() -> None:
+        for micro in range(c.accum):
+            x, y = batch(0, c.rank, micro)
+            loss = nn.functional.mse_loss(model(x), y)
+            (loss + head(model(x)).pow(2).mean() if c.rank == 0 else loss).backward()
+        opt.step()
+
+    out["err_untouched"] = _raises(head_on_rank_0_only)
+    return out
+
+
 def ddp_fp16_hook(c: Ctx) -> dict[str, Any]:
     """A user's DDP communication hook (fp16 compression) keeps working beside bscale."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -498,6 +526,7 @@ SCENARIOS = (
     ddp_sync,
     ddp_varying_accum,
     ddp_unread_one_rank,
+    ddp_static_graph_and_untouched,
     ddp_fp16_hook,
     ddp_ride,
     ddp_ride_more,

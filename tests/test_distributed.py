@@ -136,6 +136,25 @@ def test_a_step_one_rank_cannot_read_is_left_out_on_every_rank(job):
     assert [result(job, rank, "ddp_unread_one_rank_steps") for rank in range(WORLD)] == [3] * WORLD
 
 
+def test_static_graph_first_step_is_left_out_and_the_rest_match(job):
+    # The first step's norms would be those of the all-reduced gradient (DDP's static_graph first iteration
+    # rewrites .grad in place before the wrapper's end-of-backward callback): left out, on every rank alike.
+    for rank in range(WORLD):
+        got, sync = result(job, rank, "ddp_static_graph"), result(job, rank, "ddp_dynamic_graph")
+        assert result(job, rank, "ddp_static_graph_steps") == W.STEPS - 1
+        assert result(job, rank, "ddp_dynamic_graph_steps") == W.STEPS
+        assert math.isnan(got[0]["noise_scale"]) and math.isnan(got[0]["step_trace_sigma"])
+        for g, s in zip(got[1:], sync[1:], strict=True):
+            for key in ("step_grad_sq", "step_trace_sigma", "batch_size", "examples"):
+                assert W.close(g[key], s[key], RTOL), (rank, key, g[key], s[key])
+    assert_readings(result(job, 1, "ddp_static_graph"), result(job, 0, "ddp_static_graph"), rtol=0.0)
+
+
+def test_a_rank_whose_backwards_miss_the_parameters_raises_the_count_error(job):
+    for rank in range(WORLD):
+        assert "different numbers of microbatches" in result(job, rank, "err_untouched")
+
+
 def test_fsdp_detected(job):
     assert result(job, 0, "fsdp_no_sync_sharded") and result(job, 0, "fsdp_sync_sharded")
 
