@@ -19,6 +19,7 @@ import logging
 import math
 import operator
 import os
+import stat
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -238,6 +239,8 @@ def _drop_cut_last_line(path: Path) -> None:
     """Truncate a log whose last line has no newline (the process died while writing it) after its last whole
     line, so that lines appended next start on a line of their own."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe, a terminal, /dev/stdout: nothing to repair
+            return
         with open(path, "rb+") as f:
             size = f.seek(0, os.SEEK_END)
             if size == 0:

@@ -95,10 +95,12 @@ def _backward_call() -> tuple[FrameType | None, bool]:
 def _check_adam_hparams_reach(optimizer: Optimizer, controller: Any, ref_batch: float | None) -> None:
     """With scale_adam_hparams, the square-root rule sets β → 1 − κ(1 − β), which needs κ(1 − β) < 1: check
     the controller's largest batch against every group's betas now rather than at the step that reaches it."""
-    top = getattr(controller, "max_batch", None)
+    top, multiple = getattr(controller, "max_batch", None), getattr(controller, "multiple_of", 1)
     ref = ref_batch if ref_batch is not None else getattr(controller, "batch_size", None)
     if not isinstance(top, (int, float)) or not isinstance(ref, (int, float)) or ref <= 0:
         return
+    if isinstance(multiple, int) and multiple > 0:
+        top = top // multiple * multiple  # the largest batch it can choose
     kappa = top / ref
     for group in optimizer.param_groups:
         beta = min(float(b) for b in group.get("betas", (0.0,)))
@@ -275,7 +277,7 @@ class ScaledOptimizer(Optimizer):
                     "accumulation_steps(), batch_size, state_dict() and load_state_dict()); pass an instance, e.g. "
                     "controller=bscale.BatchSizeController(min_batch=..., max_batch=...)"
                 )
-            if scale_adam_hparams and rule is not None:
+            if scale_adam_hparams and rule is not None and (law or _infer_law(optimizer)) == "adam":
                 _check_adam_hparams_reach(optimizer, controller, ref_batch)
         if callable(getattr(loggers, "log", None)):
             raise ValueError("loggers takes a sequence of loggers: pass loggers=[logger]")
@@ -361,6 +363,7 @@ class ScaledOptimizer(Optimizer):
         self._stats: dict[str, float] | None = {}  # None: built from _stats_args when asked for
         self._warned_one_microbatch = False
         self._warned_unfinished = False
+        self._warned_modified = False
         self._saw_backward = False  # any backward() reached the parameters since this wrapper was made ...
         self._own_steps = 0  # ... and the steps it has taken (`steps` also counts those of a loaded checkpoint)
         self._last_batch = math.nan
@@ -422,6 +425,7 @@ class ScaledOptimizer(Optimizer):
         # would surface as a ZeroDivisionError far from its cause.
         _check_positive("microbatch_size", value)
         self._microbatch_size = value
+        self._micro_set = True  # since the last step(): the next step's full microbatch, if before its backwards
 
     def _register_unfrozen(self) -> None:
         """After a step: parameters frozen when registered that now require grad are measured from the next step
@@ -769,8 +773,9 @@ class ScaledOptimizer(Optimizer):
         """Whether a held gradient that became ``.grad`` (adopted, not added: the step's first backward) was
         changed in place before its norm was taken: by an end-of-backward callback queued before this wrapper's,
         such as the gradient all-reduce of DDP's first iteration with ``static_graph=True``. Its norm would then
-        be of the changed (averaged) gradient, not of the microbatch's."""
-        if self._sizes or self._dp.sharded:
+        be of the changed (averaged) gradient, not of the microbatch's. Data-parallel only: in one process the
+        only such changes are the user's own in-place gradient hooks, which change every microbatch alike."""
+        if self._sizes or self._dp.world_size == 1 or self._dp.sharded:
             return False
         params = self._params
         for g, slot, version in zip(self._held, self._held_slots, self._held_versions, strict=True):
@@ -785,6 +790,8 @@ class ScaledOptimizer(Optimizer):
         if self._held:
             if self._adopted_and_modified():
                 self._held_modified = True
+                if self._own_steps > 0:  # past DDP static_graph's first iteration: something else does it
+                    self._warn_modified_in_backward()
             self._peak_held_bytes = max(self._peak_held_bytes, self._held_bytes)
             if self.per_coordinate:  # float32 buffers: g*g is promoted before rounding
                 bufs = [self._coord_buffer(s, g) for s, g in zip(self._held_slots, self._held, strict=True)]
@@ -997,6 +1004,7 @@ class ScaledOptimizer(Optimizer):
         self._amp_skipped = False
         if self._sizes:
             self._last_full_micro = max(self._sizes)
+        self._micro_set = False
         if self._in_backward and torch._C._current_graph_task_id() == -1:
             # A backward() whose end the wrapper never saw (and not one this step() runs inside, as an optimizer
             # stepped from a post-accumulate hook does): its statistics and those of later backwards are
@@ -1172,6 +1180,19 @@ class ScaledOptimizer(Optimizer):
                 RuntimeWarning,
                 stacklevel=_caller_stacklevel(),
             )
+
+    def _warn_modified_in_backward(self) -> None:
+        if self._warned_modified:
+            return
+        self._warned_modified = True
+        warnings.warn(
+            "bscale: a microbatch gradient became .grad and was changed in place during backward before bscale "
+            "took its norm (a gradient hook of your own editing it in place, registered after wrapping?); the "
+            "steps where that happens are left out of the estimate. Register such hooks before wrapping, or "
+            "change the gradient out of place",
+            RuntimeWarning,
+            stacklevel=_caller_stacklevel(),
+        )
 
     def _warn_one_microbatch(self) -> None:
         if not self._warned_one_microbatch:
@@ -1406,9 +1427,10 @@ class ScaledOptimizer(Optimizer):
         """Microbatches per rank for the current or next step under the controller: ``batch / (microbatch ×
         world)``.
 
-        The microbatch is a full one: by default the largest of the step in progress, or of the last step before
-        any backward of the next (or, when larger, :attr:`microbatch_size`), so a short last microbatch of an
-        epoch does not change the count, in the middle of the step or after it.
+        The microbatch is a full one: by default the largest of the step in progress; before its first backward,
+        :attr:`microbatch_size` if it was set since the last step, else the larger of it and the last step's
+        largest. So a short last microbatch of an epoch does not change the count, in the middle of the step or
+        after it, and a size set for the new step does.
 
         Args:
             world_size: data-parallel ranks (default: the process group's size).
@@ -1425,12 +1447,14 @@ class ScaledOptimizer(Optimizer):
         return self.controller.accumulation_steps(_whole(micro), world)
 
     def _nominal_microbatch(self) -> float:
-        """The step's full microbatch: its largest so far; before its first backward, the larger of the last
-        step's largest and the size set for the next backward (a sampler that grows the microbatch)."""
+        """The step's full microbatch: its largest so far; before its first backward, the size set since the last
+        step, else the larger of the last step's largest and the current size (a sampler that grew it)."""
         if self._sizes:
             return max(self._sizes)
-        if self._last_full_micro is None:
-            return self.microbatch_size
+        if self._last_full_micro is None or self._micro_set:
+            return self.microbatch_size  # set since the last step: the user's size for this one
+        # Still the size of the last step's last backward (maybe short, the end of an epoch), unless a sampler
+        # has grown it since.
         return max(self._last_full_micro, float(self.microbatch_size))
 
     def _expected_count(self) -> int | None:

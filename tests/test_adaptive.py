@@ -211,6 +211,20 @@ def test_a_short_last_microbatch_of_an_epoch_does_not_change_the_count(short):
     assert opt.accumulation_steps(microbatch_size=2 * MICRO) == 2  # a full microbatch of another size, if asked
 
 
+def test_a_microbatch_size_set_for_the_new_step_gives_its_count():
+    # The microbatch halves between steps (after an out-of-memory error, say): set before the step's first
+    # backward, it is the step's full microbatch, and the count doubles to keep the controller's batch.
+    ctl = BatchSizeController(min_batch=8 * MICRO, max_batch=8 * MICRO, multiple_of=MICRO)
+    model = _mlp()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.01), microbatch_size=2 * MICRO, controller=ctl)
+    assert _clipped_step(model, opt, [2 * MICRO] * 4, 0) == [4] * 4
+    opt.microbatch_size = MICRO
+    updates = opt.estimator.steps
+    assert opt.accumulation_steps() == 8
+    assert _clipped_step(model, opt, [MICRO] * 8, 1) == [8] * 8
+    assert opt.estimator.steps == updates + 1  # read before the clip: the count was known
+
+
 def test_a_microbatch_that_grows_with_the_batch_is_read_at_its_steps_last_backward():
     # A sampler grows the microbatch with the batch and the count stays 2 (sampler mode, as under DDP with one
     # backward per rank). Each step's count is the one for the microbatch it runs: asked before the step's

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import pickle
 import re
 import sys
@@ -143,6 +144,18 @@ def test_jsonl_appends_on_resume_and_truncates_when_asked(tmp_path):
     with JSONLLogger(path, append=False) as logger:
         logger.log({"a": 3.0}, 3)
     assert [r["a"] for r in read_jsonl(path)] == [3.0]
+
+
+def test_jsonl_writes_to_a_pipe():
+    # Not a regular file (a pipe, /dev/stdout): appending needs no repair of a cut last line, and must not seek.
+    read_end, write_end = os.pipe()
+    try:
+        with JSONLLogger(f"/proc/self/fd/{write_end}") as logger:
+            logger.log({"noise_scale": 2.0}, 1)
+        assert json.loads(os.read(read_end, 4096)) == {"step": 1, "noise_scale": 2.0}
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def test_jsonl_fsync_writes_the_same_lines(tmp_path):

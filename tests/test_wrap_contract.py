@@ -173,6 +173,28 @@ def test_held_gradients_are_normed_when_bucket_mb_fills_and_become_grad_without_
     assert 100 <= peaks[100 / 2**20] < 100 + 4 * 35  # the bucket, overfilled by at most one gradient
 
 
+@pytest.mark.parametrize("kind", ["tensor hook", "post-accumulate hook"])
+def test_gradients_edited_in_place_by_hooks_leave_no_step_out(kind):
+    # A hook of the user's that edits the gradient in place (a mask; a clamp of .grad) after the wrapper's own
+    # hook bumps the version of the gradient that becomes .grad. In one process that is no reason to leave a
+    # step out (every microbatch is edited alike); only DDP's static_graph first iteration is.
+    model = _model()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.1), microbatch_size=4)
+
+    def clamp(p: torch.Tensor) -> None:
+        p.grad.clamp_(-1e6, 1e6)
+
+    for p in model.parameters():
+        if kind == "tensor hook":
+            p.register_hook(lambda g: g.mul_(0.5))
+        else:
+            p.register_post_accumulate_grad_hook(clamp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(model, opt, _data(4, 3))
+    assert opt.estimator.steps == 4 and opt.noise_scale is not None
+
+
 def test_readings_are_the_same_read_every_step_or_once():
     data = _data(5, 3)
     every, once = [], None
@@ -701,6 +723,20 @@ def _bad_calls():
             "lower max_batch to below 80, pass a larger ref_batch",
         ),
     ]
+
+
+def test_adam_hparams_reach_is_checked_against_the_batches_the_controller_can_choose():
+    layer = torch.nn.Linear(3, 1)
+    # max_batch 3500 on a grid of 512: the largest batch is 3072, κ = 6 < 1/(1 − 0.85): the rule applies.
+    ctl = bscale.BatchSizeController(min_batch=512, max_batch=3500, multiple_of=512)
+    adam = torch.optim.Adam(layer.parameters(), betas=(0.85, 0.999))
+    wrap(adam, microbatch_size=4, rule="sqrt", scale_adam_hparams=True, controller=ctl)
+    # Under the SGD law betas are never rescaled, whatever the controller's reach.
+    wide = bscale.BatchSizeController(min_batch=8, max_batch=512)
+    opt = wrap(
+        torch.optim.Adam(layer.parameters()), 4, rule="sqrt", law="sgd", scale_adam_hparams=True, controller=wide
+    )
+    assert opt.law == "sgd"
 
 
 @pytest.mark.parametrize("case", _bad_calls(), ids=[c[0] for c in _bad_calls()])
