@@ -92,6 +92,27 @@ def _backward_call() -> tuple[FrameType | None, bool]:
     return outer, bool(grad)
 
 
+# What the wrapper warns of, once each (`ScaledOptimizer._warn_once`).
+_WARNINGS = {
+    "unfinished_backward": (
+        "bscale: a backward() of this step never reached its end (an exception was raised inside it), so this "
+        "step's statistics are left out. After an exception in backward(), call opt.zero_grad() before the next "
+        "microbatch."
+    ),
+    "modified_in_backward": (
+        "bscale: a microbatch gradient became .grad and was changed in place during backward before bscale took "
+        "its norm (a gradient hook of your own editing it in place, registered after wrapping?); the steps where "
+        "that happens are left out of the estimate. Register such hooks before wrapping, or change the gradient "
+        "out of place"
+    ),
+    "one_microbatch": (
+        "bscale: one microbatch per step in one process gives no second batch size to compare, so the noise "
+        "scale cannot be estimated. Accumulate 2 or more microbatches per step (call backward() on smaller "
+        "pieces of the batch), or train data-parallel on 2 or more ranks. Training continues."
+    ),
+}
+
+
 def _check_adam_hparams_reach(optimizer: Optimizer, controller: Any, ref_batch: float | None) -> None:
     """With scale_adam_hparams, the square-root rule sets β → 1 − κ(1 − β), which needs κ(1 − β) < 1: check
     the controller's largest batch against every group's betas now rather than at the step that reaches it."""
@@ -361,9 +382,7 @@ class ScaledOptimizer(Optimizer):
         self.steps = 0
         self.examples = 0.0
         self._stats: dict[str, float] | None = {}  # None: built from _stats_args when asked for
-        self._warned_one_microbatch = False
-        self._warned_unfinished = False
-        self._warned_modified = False
+        self._warned: set[str] = set()  # the keys of _WARNINGS already given (each once per wrapper)
         self._saw_backward = False  # any backward() reached the parameters since this wrapper was made ...
         self._own_steps = 0  # ... and the steps it has taken (`steps` also counts those of a loaded checkpoint)
         self._last_batch = math.nan
@@ -483,7 +502,7 @@ class ScaledOptimizer(Optimizer):
             "ref_batch": self.ref_batch,
             "ref_lr": self.ref_lr,
             "ref_lr_seen": self._ref_lr_seen,
-            "warned_one_microbatch": self._warned_one_microbatch,
+            "warned_one_microbatch": "one_microbatch" in self._warned,
             "controller": None if self.controller is None else self.controller.state_dict(),
         }
 
@@ -539,7 +558,10 @@ class ScaledOptimizer(Optimizer):
         self.ref_batch = ours["ref_batch"]
         self.ref_lr = ours["ref_lr"]
         self._ref_lr_seen = ours.get("ref_lr_seen", 0.0)
-        self._warned_one_microbatch = ours.get("warned_one_microbatch", False)
+        if ours.get("warned_one_microbatch", False):
+            self._warned.add("one_microbatch")
+        else:
+            self._warned.discard("one_microbatch")
         if self.controller is not None and ours.get("controller") is not None:
             self.controller.load_state_dict(ours["controller"])
 
@@ -791,7 +813,7 @@ class ScaledOptimizer(Optimizer):
             if self._adopted_and_modified():
                 self._held_modified = True
                 if self._own_steps > 0:  # past DDP static_graph's first iteration: something else does it
-                    self._warn_modified_in_backward()
+                    self._warn_once("modified_in_backward")
             self._peak_held_bytes = max(self._peak_held_bytes, self._held_bytes)
             if self.per_coordinate:  # float32 buffers: g*g is promoted before rounding
                 bufs = [self._coord_buffer(s, g) for s, g in zip(self._held_slots, self._held, strict=True)]
@@ -1009,7 +1031,7 @@ class ScaledOptimizer(Optimizer):
             # A backward() whose end the wrapper never saw (and not one this step() runs inside, as an optimizer
             # stepped from a post-accumulate hook does): its statistics and those of later backwards are
             # incomplete, so the step is left out (and the state starts afresh for the next one).
-            self._warn_unfinished_backward()
+            self._warn_once("unfinished_backward")
             self._reset_step_stats()
         batch = self._update_estimates()
         scale = self._lr_scale(batch)
@@ -1143,7 +1165,7 @@ class ScaledOptimizer(Optimizer):
         small = small_sum / k * to_true
         big_sq = big_sum / (m**2) * to_true
         if k < 2:
-            self._warn_one_microbatch()
+            self._warn_once("one_microbatch")
             return examples
         self.estimator.update(small, big_sq, b, B, examples)
         if self._param_names is not None:
@@ -1170,40 +1192,11 @@ class ScaledOptimizer(Optimizer):
             self._layer_estimators[name] = est
         return est
 
-    def _warn_unfinished_backward(self) -> None:
-        if not self._warned_unfinished:
-            self._warned_unfinished = True
-            warnings.warn(
-                "bscale: a backward() of this step never reached its end (an exception was raised inside it), "
-                "so this step's statistics are left out. After an exception in backward(), call opt.zero_grad() "
-                "before the next microbatch.",
-                RuntimeWarning,
-                stacklevel=_caller_stacklevel(),
-            )
-
-    def _warn_modified_in_backward(self) -> None:
-        if self._warned_modified:
-            return
-        self._warned_modified = True
-        warnings.warn(
-            "bscale: a microbatch gradient became .grad and was changed in place during backward before bscale "
-            "took its norm (a gradient hook of your own editing it in place, registered after wrapping?); the "
-            "steps where that happens are left out of the estimate. Register such hooks before wrapping, or "
-            "change the gradient out of place",
-            RuntimeWarning,
-            stacklevel=_caller_stacklevel(),
-        )
-
-    def _warn_one_microbatch(self) -> None:
-        if not self._warned_one_microbatch:
-            self._warned_one_microbatch = True
-            warnings.warn(
-                "bscale: one microbatch per step in one process gives no second batch size to compare, so the "
-                "noise scale cannot be estimated. Accumulate 2 or more microbatches per step (call backward() on "
-                "smaller pieces of the batch), or train data-parallel on 2 or more ranks. Training continues.",
-                RuntimeWarning,
-                stacklevel=_caller_stacklevel(),
-            )
+    def _warn_once(self, key: str) -> None:
+        """Give the warning `_WARNINGS[key]` unless this wrapper already has."""
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(_WARNINGS[key], RuntimeWarning, stacklevel=_caller_stacklevel())
 
     # ---- per-coordinate statistics (opt-in) -----------------------------------------------------------------------
 
@@ -1406,7 +1399,7 @@ class ScaledOptimizer(Optimizer):
     @property
     def reason(self) -> str | None:
         """Why :attr:`noise_scale` is ``None`` (or ``None`` when there is a reading)."""
-        if self._warned_one_microbatch and self.estimator.steps == 0:
+        if "one_microbatch" in self._warned and self.estimator.steps == 0:
             return "one microbatch per step in one process: accumulate 2 or more, or train data-parallel"
         if self._own_steps > 0 and not self._saw_backward and self.estimator.steps == 0:
             return (
