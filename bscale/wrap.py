@@ -99,12 +99,6 @@ _WARNINGS = {
         "step's statistics are left out. After an exception in backward(), call opt.zero_grad() before the next "
         "microbatch."
     ),
-    "modified_in_backward": (
-        "bscale: a microbatch gradient became .grad and was changed in place during backward before bscale took "
-        "its norm (a gradient hook of your own editing it in place, registered after wrapping?); the steps where "
-        "that happens are left out of the estimate. Register such hooks before wrapping, or change the gradient "
-        "out of place"
-    ),
     "one_microbatch": (
         "bscale: one microbatch per step in one process gives no second batch size to compare, so the noise "
         "scale cannot be estimated. Accumulate 2 or more microbatches per step (call backward() on smaller "
@@ -392,7 +386,7 @@ class ScaledOptimizer(Optimizer):
         # A controller's count: the full microbatch it was computed for (see `_nominal_microbatch`), its batch, the
         # count; and the largest microbatch of the last step that had backwards.
         self._controller_k: tuple[float, int, int | None] | None = None
-        self._last_full_micro: float | None = None
+        self._last_full_micro: float | None = float(microbatch_size)  # the constructor's until a step has run
         # One float32 device buffer, two slots per parameter tensor, read to the host in one piece at step():
         self._sums: torch.Tensor | None = None
         self._small: torch.Tensor | None = None  # its first half: Σ_j |g_j|² per parameter tensor
@@ -444,7 +438,6 @@ class ScaledOptimizer(Optimizer):
         # would surface as a ZeroDivisionError far from its cause.
         _check_positive("microbatch_size", value)
         self._microbatch_size = value
-        self._micro_set = True  # since the last step(): the next step's full microbatch, if before its backwards
 
     def _register_unfrozen(self) -> None:
         """After a step: parameters frozen when registered that now require grad are measured from the next step
@@ -795,9 +788,10 @@ class ScaledOptimizer(Optimizer):
         """Whether a held gradient that became ``.grad`` (adopted, not added: the step's first backward) was
         changed in place before its norm was taken: by an end-of-backward callback queued before this wrapper's,
         such as the gradient all-reduce of DDP's first iteration with ``static_graph=True``. Its norm would then
-        be of the changed (averaged) gradient, not of the microbatch's. Data-parallel only: in one process the
-        only such changes are the user's own in-place gradient hooks, which change every microbatch alike."""
-        if self._sizes or self._dp.world_size == 1 or self._dp.sharded:
+        be of the changed (averaged) gradient, not of the microbatch's. Checked in the first step of data-parallel
+        training only, DDP's first iteration: at other times only the user's own in-place gradient hooks change
+        it, and a step left out for them would be every step."""
+        if self._sizes or self._own_steps or self._dp.world_size == 1 or self._dp.sharded:
             return False
         params = self._params
         for g, slot, version in zip(self._held, self._held_slots, self._held_versions, strict=True):
@@ -812,8 +806,6 @@ class ScaledOptimizer(Optimizer):
         if self._held:
             if self._adopted_and_modified():
                 self._held_modified = True
-                if self._own_steps > 0:  # past DDP static_graph's first iteration: something else does it
-                    self._warn_once("modified_in_backward")
             self._peak_held_bytes = max(self._peak_held_bytes, self._held_bytes)
             if self.per_coordinate:  # float32 buffers: g*g is promoted before rounding
                 bufs = [self._coord_buffer(s, g) for s, g in zip(self._held_slots, self._held, strict=True)]
@@ -1026,7 +1018,6 @@ class ScaledOptimizer(Optimizer):
         self._amp_skipped = False
         if self._sizes:
             self._last_full_micro = max(self._sizes)
-        self._micro_set = False
         if self._in_backward and torch._C._current_graph_task_id() == -1:
             # A backward() whose end the wrapper never saw (and not one this step() runs inside, as an optimizer
             # stepped from a post-accumulate hook does): its statistics and those of later backwards are
@@ -1420,10 +1411,10 @@ class ScaledOptimizer(Optimizer):
         """Microbatches per rank for the current or next step under the controller: ``batch / (microbatch ×
         world)``.
 
-        The microbatch is a full one: by default the largest of the step in progress; before its first backward,
-        :attr:`microbatch_size` if it was set since the last step, else the larger of it and the last step's
-        largest. So a short last microbatch of an epoch does not change the count, in the middle of the step or
-        after it, and a size set for the new step does.
+        The microbatch is a full one: by default the largest of the last step's, this step's so far and
+        :attr:`microbatch_size`. So a short microbatch (an epoch's last) does not change the count, wherever it
+        falls in the step, and a microbatch that grows does at once. After lowering the microbatch (an
+        out-of-memory error), pass the new size here for the first step at it.
 
         Args:
             world_size: data-parallel ranks (default: the process group's size).
@@ -1440,15 +1431,16 @@ class ScaledOptimizer(Optimizer):
         return self.controller.accumulation_steps(_whole(micro), world)
 
     def _nominal_microbatch(self) -> float:
-        """The step's full microbatch: its largest so far; before its first backward, the size set since the last
-        step, else the larger of the last step's largest and the current size (a sampler that grew it)."""
+        """The step's full microbatch: the largest of the last step's microbatches, this step's so far and the size
+        set for the next backward. A short microbatch (an epoch's last, wherever it falls in the step) does not
+        lower it; a size that grows (a sampler's) raises it at once; a smaller full microbatch takes over after
+        one step at it."""
+        full = float(self.microbatch_size)
         if self._sizes:
-            return max(self._sizes)
-        if self._last_full_micro is None or self._micro_set:
-            return self.microbatch_size  # set since the last step: the user's size for this one
-        # Still the size of the last step's last backward (maybe short, the end of an epoch), unless a sampler
-        # has grown it since.
-        return max(self._last_full_micro, float(self.microbatch_size))
+            full = max(full, *self._sizes)
+        if self._last_full_micro is not None:
+            full = max(full, self._last_full_micro)
+        return full
 
     def _expected_count(self) -> int | None:
         """How many local backwards the step is expected to have (when to read ``.grad``): the controller's count

@@ -237,6 +237,10 @@ def ddp_unread_one_rank(c: Ctx) -> dict[str, Any]:
     return {"ddp_unread_one_rank": out, "ddp_unread_one_rank_steps": opt.estimator.steps}
 
 
+def _clamp_grad(p: torch.Tensor) -> None:
+    p.grad.clamp_(-1e9, 1e9)
+
+
 def ddp_static_graph_and_untouched(c: Ctx) -> dict[str, Any]:
     """(a) DDP with static_graph=True (no ddp=): its first iteration all-reduces every gradient in a callback
     queued before the wrapper's, in place in the .grad that the first microbatch's gradient became, before its
@@ -250,6 +254,16 @@ def ddp_static_graph_and_untouched(c: Ctx) -> dict[str, Any]:
         opt = make_opt(ddp, named=model, debug=True, rule=None)  # the same parameters whatever the readings
         out[name] = train(ddp, opt, c.rank, c.accum, range(STEPS), _always_sync)
         out[f"{name}_steps"] = opt.estimator.steps
+
+    # A post-accumulate hook editing .grad in place (the values stay): it too changes the first gradient before
+    # its norm, which only the first step checks for; later steps must all be read.
+    model = make_model()
+    ddp = _ddp(model)
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(_clamp_grad)
+    opt = make_opt(ddp, named=model)
+    train(ddp, opt, c.rank, c.accum, range(STEPS), c.no_sync_but_last(ddp))
+    out["ddp_post_hook_steps"] = opt.estimator.steps
 
     model, head = make_model(), nn.Linear(D_OUT, 1)
     opt = make_opt(head)

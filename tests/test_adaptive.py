@@ -211,18 +211,43 @@ def test_a_short_last_microbatch_of_an_epoch_does_not_change_the_count(short):
     assert opt.accumulation_steps(microbatch_size=2 * MICRO) == 2  # a full microbatch of another size, if asked
 
 
-def test_a_microbatch_size_set_for_the_new_step_gives_its_count():
-    # The microbatch halves between steps (after an out-of-memory error, say): set before the step's first
-    # backward, it is the step's full microbatch, and the count doubles to keep the controller's batch.
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("short", [1, 3])
+def test_a_short_microbatch_anywhere_in_the_step_or_in_a_skipped_step_keeps_the_count(where, short):
+    # An epoch's short last microbatch can open a step as well as close one; and a step can end without step()
+    # (discarded by zero_grad, or GradScaler skipping it): none of these lowers the full microbatch.
+    ctl = BatchSizeController(min_batch=4 * MICRO, max_batch=4 * MICRO, multiple_of=MICRO)
+    model = _mlp()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.01), microbatch_size=MICRO, controller=ctl)
+    sizes = [short] + [MICRO] * 3 if where == "first" else [MICRO] * 3 + [short]
+    for j, n in enumerate(sizes):  # a step abandoned after its microbatches
+        opt.microbatch_size = n
+        assert opt.accumulation_steps() == 4
+        x, y = _microbatch(0, j)
+        torch.nn.functional.mse_loss(model(x[:n]), y[:n]).backward()
+    opt.zero_grad()
+    assert opt.accumulation_steps() == 4
+    for step in range(1, 4):
+        updates = opt.estimator.steps
+        assert _clipped_step(model, opt, sizes if step == 2 else [MICRO] * 4, step) == [4] * 4
+        assert opt.estimator.steps == updates + 1
+
+
+def test_a_lowered_microbatch_takes_its_count_when_passed_and_after_one_step():
+    # The microbatch halves between steps (after an out-of-memory error, say). Set before the step, a smaller
+    # size is not told apart from an epoch's short microbatch: the user passes it for the first step at it,
+    # after which it is the full microbatch. The wrapper reads .grad before the clip either way.
     ctl = BatchSizeController(min_batch=8 * MICRO, max_batch=8 * MICRO, multiple_of=MICRO)
     model = _mlp()
     opt = wrap(torch.optim.SGD(model.parameters(), lr=0.01), microbatch_size=2 * MICRO, controller=ctl)
     assert _clipped_step(model, opt, [2 * MICRO] * 4, 0) == [4] * 4
     opt.microbatch_size = MICRO
-    updates = opt.estimator.steps
+    assert opt.accumulation_steps(microbatch_size=MICRO) == 8
+    for step in (1, 2):
+        updates = opt.estimator.steps
+        assert _clipped_step(model, opt, [MICRO] * 8, step, k=8) == [8] * 8
+        assert opt.estimator.steps == updates + 1
     assert opt.accumulation_steps() == 8
-    assert _clipped_step(model, opt, [MICRO] * 8, 1) == [8] * 8
-    assert opt.estimator.steps == updates + 1  # read before the clip: the count was known
 
 
 def test_a_microbatch_that_grows_with_the_batch_is_read_at_its_steps_last_backward():

@@ -143,6 +143,7 @@ def test_static_graph_first_step_is_left_out_and_the_rest_match(job):
         got, sync = result(job, rank, "ddp_static_graph"), result(job, rank, "ddp_dynamic_graph")
         assert result(job, rank, "ddp_static_graph_steps") == W.STEPS - 1
         assert result(job, rank, "ddp_dynamic_graph_steps") == W.STEPS
+        assert result(job, rank, "ddp_post_hook_steps") == W.STEPS - 1
         assert math.isnan(got[0]["noise_scale"]) and math.isnan(got[0]["step_trace_sigma"])
         for g, s in zip(got[1:], sync[1:], strict=True):
             for key in ("step_grad_sq", "step_trace_sigma", "batch_size", "examples"):
