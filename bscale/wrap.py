@@ -384,9 +384,11 @@ class ScaledOptimizer(Optimizer):
         self._peak_pending_bytes = 0
         self._expected_k: int | None = None
         # A controller's count: the full microbatch it was computed for (see `_nominal_microbatch`), its batch, the
-        # count; and the largest microbatch of the last step that had backwards.
+        # count; and the largest microbatch of the last step that had backwards (the constructor's until one has),
+        # with the controller's batch in that step.
         self._controller_k: tuple[float, int, int | None] | None = None
-        self._last_full_micro: float | None = float(microbatch_size)  # the constructor's until a step has run
+        self._last_full_micro = float(microbatch_size)
+        self._last_full_batch = None if controller is None else controller.batch_size
         # One float32 device buffer, two slots per parameter tensor, read to the host in one piece at step():
         self._sums: torch.Tensor | None = None
         self._small: torch.Tensor | None = None  # its first half: Σ_j |g_j|² per parameter tensor
@@ -496,6 +498,8 @@ class ScaledOptimizer(Optimizer):
             "ref_lr": self.ref_lr,
             "ref_lr_seen": self._ref_lr_seen,
             "warned_one_microbatch": "one_microbatch" in self._warned,
+            "last_full_micro": self._last_full_micro,
+            "last_full_batch": self._last_full_batch,
             "controller": None if self.controller is None else self.controller.state_dict(),
         }
 
@@ -551,6 +555,8 @@ class ScaledOptimizer(Optimizer):
         self.ref_batch = ours["ref_batch"]
         self.ref_lr = ours["ref_lr"]
         self._ref_lr_seen = ours.get("ref_lr_seen", 0.0)
+        self._last_full_micro = ours.get("last_full_micro", self._last_full_micro)
+        self._last_full_batch = ours.get("last_full_batch", self._last_full_batch)
         if ours.get("warned_one_microbatch", False):
             self._warned.add("one_microbatch")
         else:
@@ -1018,6 +1024,7 @@ class ScaledOptimizer(Optimizer):
         self._amp_skipped = False
         if self._sizes:
             self._last_full_micro = max(self._sizes)
+            self._last_full_batch = None if self.controller is None else self.controller.batch_size
         if self._in_backward and torch._C._current_graph_task_id() == -1:
             # A backward() whose end the wrapper never saw (and not one this step() runs inside, as an optimizer
             # stepped from a post-accumulate hook does): its statistics and those of later backwards are
@@ -1413,8 +1420,9 @@ class ScaledOptimizer(Optimizer):
 
         The microbatch is a full one: by default the largest of the last step's, this step's so far and
         :attr:`microbatch_size`. So a short microbatch (an epoch's last) does not change the count, wherever it
-        falls in the step, and a microbatch that grows does at once. After lowering the microbatch (an
-        out-of-memory error), pass the new size here for the first step at it.
+        falls in the step, and a microbatch that grows does at once, as does one that shrinks after the controller
+        lowered the batch. After lowering the microbatch for another reason (an out-of-memory error), pass the new
+        size here for the first step at it.
 
         Args:
             world_size: data-parallel ranks (default: the process group's size).
@@ -1433,12 +1441,14 @@ class ScaledOptimizer(Optimizer):
     def _nominal_microbatch(self) -> float:
         """The step's full microbatch: the largest of the last step's microbatches, this step's so far and the size
         set for the next backward. A short microbatch (an epoch's last, wherever it falls in the step) does not
-        lower it; a size that grows (a sampler's) raises it at once; a smaller full microbatch takes over after
-        one step at it."""
+        lower it; a size that grows (a sampler's) raises it at once; a smaller one takes over at once after the
+        controller lowered the batch (a sampler following it), else after one step at it."""
         full = float(self.microbatch_size)
         if self._sizes:
             full = max(full, *self._sizes)
-        if self._last_full_micro is not None:
+        batch = None if self.controller is None else self.controller.batch_size
+        if batch is None or self._last_full_batch is None or batch >= self._last_full_batch:
+            # Not after the controller lowered the batch: a sampler that follows it lowers the microbatch too.
             full = max(full, self._last_full_micro)
         return full
 

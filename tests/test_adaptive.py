@@ -233,6 +233,23 @@ def test_a_short_microbatch_anywhere_in_the_step_or_in_a_skipped_step_keeps_the_
         assert opt.estimator.steps == updates + 1
 
 
+def test_the_full_microbatch_survives_a_checkpoint():
+    # Lowered (and passed) at step 1, the full microbatch is MICRO from then on; a run resumed from a checkpoint
+    # into a wrapper built with the old size must count in the new one, as the uninterrupted run does.
+    ctl = BatchSizeController(min_batch=8 * MICRO, max_batch=8 * MICRO, multiple_of=MICRO)
+    model = _mlp()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.01), microbatch_size=2 * MICRO, controller=ctl)
+    _clipped_step(model, opt, [2 * MICRO] * 4, 0)
+    _clipped_step(model, opt, [MICRO] * 8, 1, k=8)
+    assert opt.accumulation_steps() == 8
+    state = opt.state_dict()
+    ctl2 = BatchSizeController(min_batch=8 * MICRO, max_batch=8 * MICRO, multiple_of=MICRO)
+    resumed = wrap(torch.optim.SGD(model.parameters(), lr=0.01), microbatch_size=2 * MICRO, controller=ctl2)
+    resumed.load_state_dict(state)
+    resumed.microbatch_size = MICRO
+    assert resumed.accumulation_steps() == 8
+
+
 def test_a_lowered_microbatch_takes_its_count_when_passed_and_after_one_step():
     # The microbatch halves between steps (after an out-of-memory error, say). Set before the step, a smaller
     # size is not told apart from an epoch's short microbatch: the user passes it for the first step at it,
@@ -250,13 +267,13 @@ def test_a_lowered_microbatch_takes_its_count_when_passed_and_after_one_step():
     assert opt.accumulation_steps() == 8
 
 
-def test_a_microbatch_that_grows_with_the_batch_is_read_at_its_steps_last_backward():
-    # A sampler grows the microbatch with the batch and the count stays 2 (sampler mode, as under DDP with one
+def test_a_microbatch_that_follows_the_batch_is_read_at_its_steps_last_backward():
+    # A sampler moves the microbatch with the batch and the count stays 2 (sampler mode, as under DDP with one
     # backward per rank). Each step's count is the one for the microbatch it runs: asked before the step's
     # first backward, after the new size is set, and known to the wrapper by its first backward's end, so
     # .grad is read before the clip at every step. (Before, the count for the next step was taken at step()
     # from the old microbatch, twice too many: every step after a change was left out.)
-    ctl = _Script([8, 16, 32, 64, 64, 64])
+    ctl = _Script([8, 16, 32, 64, 16, 8])  # up, then down (grow_only=False): the microbatch follows both ways
     model = _mlp()
     opt = wrap(torch.optim.SGD(model.parameters(), lr=0.01), microbatch_size=MICRO, controller=ctl)
     batches = []
@@ -274,7 +291,7 @@ def test_a_microbatch_that_grows_with_the_batch_is_read_at_its_steps_last_backwa
         opt.step()
         opt.zero_grad()
         assert opt.estimator.steps == updates + 1, (step, batches)
-    assert batches == [8, 16, 32, 64, 64, 64]
+    assert batches == [8, 16, 32, 64, 16, 8]
 
 
 # ---- what the inner optimizer sees -------------------------------------------------------------------------
