@@ -385,10 +385,11 @@ class ScaledOptimizer(Optimizer):
         self._expected_k: int | None = None
         # A controller's count: the full microbatch it was computed for (see `_nominal_microbatch`), its batch, the
         # count; and the largest microbatch of the last step that had backwards (the constructor's until one has),
-        # with the controller's batch in that step.
+        # with the controller's batch and the number of local microbatches in that step.
         self._controller_k: tuple[float, int, int | None] | None = None
         self._last_full_micro = float(microbatch_size)
         self._last_full_batch = None if controller is None else controller.batch_size
+        self._last_full_k = 0
         # One float32 device buffer, two slots per parameter tensor, read to the host in one piece at step():
         self._sums: torch.Tensor | None = None
         self._small: torch.Tensor | None = None  # its first half: Σ_j |g_j|² per parameter tensor
@@ -500,6 +501,7 @@ class ScaledOptimizer(Optimizer):
             "warned_one_microbatch": "one_microbatch" in self._warned,
             "last_full_micro": self._last_full_micro,
             "last_full_batch": self._last_full_batch,
+            "last_full_k": self._last_full_k,
             "controller": None if self.controller is None else self.controller.state_dict(),
         }
 
@@ -557,6 +559,7 @@ class ScaledOptimizer(Optimizer):
         self._ref_lr_seen = ours.get("ref_lr_seen", 0.0)
         self._last_full_micro = ours.get("last_full_micro", self._last_full_micro)
         self._last_full_batch = ours.get("last_full_batch", self._last_full_batch)
+        self._last_full_k = ours.get("last_full_k", self._last_full_k)
         if ours.get("warned_one_microbatch", False):
             self._warned.add("one_microbatch")
         else:
@@ -1025,6 +1028,7 @@ class ScaledOptimizer(Optimizer):
         if self._sizes:
             self._last_full_micro = max(self._sizes)
             self._last_full_batch = None if self.controller is None else self.controller.batch_size
+            self._last_full_k = len(self._sizes)
         if self._in_backward and torch._C._current_graph_task_id() == -1:
             # A backward() whose end the wrapper never saw (and not one this step() runs inside, as an optimizer
             # stepped from a post-accumulate hook does): its statistics and those of later backwards are
@@ -1420,9 +1424,9 @@ class ScaledOptimizer(Optimizer):
 
         The microbatch is a full one: by default the largest of the last step's, this step's so far and
         :attr:`microbatch_size`. So a short microbatch (an epoch's last) does not change the count, wherever it
-        falls in the step, and a microbatch that grows does at once, as does one that shrinks after the controller
-        lowered the batch. After lowering the microbatch for another reason (an out-of-memory error), pass the new
-        size here for the first step at it.
+        falls in the step, and a microbatch that grows does at once, as does one that shrinks with the batch the
+        controller lowered (at the last step's count). After lowering the microbatch for another reason (an
+        out-of-memory error), pass the new size here for the first step at it.
 
         Args:
             world_size: data-parallel ranks (default: the process group's size).
@@ -1441,14 +1445,18 @@ class ScaledOptimizer(Optimizer):
     def _nominal_microbatch(self) -> float:
         """The step's full microbatch: the largest of the last step's microbatches, this step's so far and the size
         set for the next backward. A short microbatch (an epoch's last, wherever it falls in the step) does not
-        lower it; a size that grows (a sampler's) raises it at once; a smaller one takes over at once after the
-        controller lowered the batch (a sampler following it), else after one step at it."""
+        lower it; a size that grows (a sampler's) raises it at once; a smaller one takes over at once when the
+        controller lowered the batch and the size lowers it at the last step's count (a sampler following it),
+        else after one step at it."""
         full = float(self.microbatch_size)
         if self._sizes:
             full = max(full, *self._sizes)
         batch = None if self.controller is None else self.controller.batch_size
-        if batch is None or self._last_full_batch is None or batch >= self._last_full_batch:
-            # Not after the controller lowered the batch: a sampler that follows it lowers the microbatch too.
+        lowered = batch is not None and self._last_full_batch is not None and batch < self._last_full_batch
+        # A sampler that follows the controller lowers the microbatch with the batch, at the last step's count; any
+        # other smaller size (an epoch's short microbatch) leaves the full microbatch as it was.
+        followed = lowered and float(self.microbatch_size) * self._last_full_k * self._dp.world_size == batch
+        if not followed:
             full = max(full, self._last_full_micro)
         return full
 

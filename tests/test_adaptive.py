@@ -233,6 +233,21 @@ def test_a_short_microbatch_anywhere_in_the_step_or_in_a_skipped_step_keeps_the_
         assert opt.estimator.steps == updates + 1
 
 
+@pytest.mark.parametrize("short", [1, 3])
+def test_a_short_microbatch_opening_the_step_after_the_batch_was_lowered_keeps_the_count(short):
+    # Plain accumulation (the microbatch stays 4) and the controller lowers the batch 64 -> 8: the next step opens
+    # with an epoch's short microbatch. Its size is no sampler following the batch (1·16 ≠ 8): the count stays 2.
+    ctl = _Script([16 * MICRO, 2 * MICRO, 2 * MICRO])
+    model = _mlp()
+    opt = wrap(torch.optim.SGD(model.parameters(), lr=0.01), microbatch_size=MICRO, controller=ctl)
+    assert _clipped_step(model, opt, [MICRO] * 16, 0) == [16] * 16
+    for step in (1, 2):
+        updates = opt.estimator.steps
+        sizes = [short, MICRO] if step == 1 else [MICRO] * 2
+        assert _clipped_step(model, opt, sizes, step) == [2, 2]
+        assert opt.estimator.steps == updates + 1
+
+
 def test_the_full_microbatch_survives_a_checkpoint():
     # Lowered (and passed) at step 1, the full microbatch is MICRO from then on; a run resumed from a checkpoint
     # into a wrapper built with the old size must count in the new one, as the uninterrupted run does.
