@@ -368,7 +368,9 @@ class ScaledOptimizer(Optimizer):
         self._reduce_k = 0  # ... and the local microbatch count it carries
         self._ride_out: torch.Tensor | None = None  # ddp=: the statistics reduced with DDP's last bucket
         self._ride_k = -1  # ... and the local microbatch count they carry
-        self._rides = False  # ddp=: DDP's last bucket has carried the statistics (so it need not be sent early)
+        # ddp=: DDP's last bucket has carried the statistics, so none are sent early: not in a backward that turns
+        # out not to be the step's last (a step of more microbatches than the one before) either.
+        self._rides = False
         self._frozen: dict[torch.Tensor, None] = {}  # parameters that did not require grad when registered
         for group in optimizer.param_groups:
             self._register(group["params"])
@@ -1360,6 +1362,11 @@ class ScaledOptimizer(Optimizer):
             peak = B_noise if self.law == "adam" else math.inf  # laws.peak_batch
             # lr = 0 is a legal setting (observing only, a warmup from 0) but no reference for lr_max.
             lr_max = laws._lr_max_float(ref_lr, ref_batch, B_noise, self.law) if ref_lr > 0 else math.nan
+        elif B_noise == 0.0 and math.isfinite(batch):
+            # No measurable noise (tr(Σ) clamped at 0): the law's B_noise → 0 limit, as the LR scale takes it; the
+            # peak LR grows without bound there, so lr_max has no value.
+            opt = ref_lr * laws._lr_scale_float(batch, ref_batch, 1e-30, "noise", self.law)
+            peak, lr_max = (0.0 if self.law == "adam" else math.inf), math.nan
         else:
             opt, peak, lr_max = math.nan, math.nan, math.nan
         raw = self.estimator.raw

@@ -143,6 +143,27 @@ def test_optimal_lr_and_peak_batch_are_reported(make):
     assert stats["lr_scale"] == 1.0 and opt.param_groups[0]["lr"] == lr
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_without_measurable_noise_the_reported_optimal_lr_is_the_one_applied(kind):
+    # Every microbatch the same: tr(Σ) = 0 and B_noise reads 0. The applied LR scale takes the law's B_noise → 0
+    # limit; the reported optimal LR must be that same value (it read NaN), the peak LR has no bound.
+    model = _model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1) if kind == "sgd" else torch.optim.AdamW(model.parameters())
+    lr = inner.param_groups[0]["lr"]
+    opt = wrap(inner, microbatch_size=8, rule="noise", ref_batch=8, beta=0.5)
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(8, 1)
+    for _ in range(3):
+        for _ in range(4):
+            (torch.nn.functional.mse_loss(model(x), y) / 4).backward()
+        opt.step()
+        opt.zero_grad()
+    stats = opt.stats
+    assert stats["noise_scale"] == 0.0 and stats["batch_size"] == 32.0
+    expected = 1.0 if kind == "sgd" else 0.5  # the linear rule's limit 1 (SGD), √(8/32) (Adam)
+    assert stats["lr_scale"] == pytest.approx(expected) and stats["optimal_lr"] == pytest.approx(lr * expected)
+    assert math.isnan(stats["lr_max"]) and stats["peak_batch"] == (math.inf if kind == "sgd" else 0.0)
+
+
 @pytest.mark.slow
 def test_torch_compile_model(tmp_path, monkeypatch):
     # The compiler's files go under tmp_path (its precompiled header ignores TORCHINDUCTOR_CACHE_DIR).
