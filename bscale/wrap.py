@@ -374,6 +374,9 @@ class ScaledOptimizer(Optimizer):
         self._frozen: dict[torch.Tensor, None] = {}  # parameters that did not require grad when registered
         for group in optimizer.param_groups:
             self._register(group["params"])
+        # Held gradients' versions are recorded in the first step of data-parallel training (DDP's first iteration)
+        # only: the one time an end-of-backward callback can change them in place (see _adopted_and_modified).
+        self._track_versions = self._dp.world_size > 1 and not self._dp.sharded
 
         self.steps = 0
         self.examples = 0.0
@@ -620,7 +623,8 @@ class ScaledOptimizer(Optimizer):
                     # as .grad without a copy), made without an op dispatch, unlike detach().
                     held_append(grad.data)
                     held_slots_append(slot)
-                    held_versions_append(grad._version)
+                    if opt._track_versions:  # the first data-parallel step only (see _adopted_and_modified)
+                        held_versions_append(grad._version)
                     opt._held_bytes += nbytes
                     if opt._held_bytes >= opt._bucket_bytes:
                         opt._norm_held()
@@ -802,7 +806,7 @@ class ScaledOptimizer(Optimizer):
         be of the changed (averaged) gradient, not of the microbatch's. Checked in the first step of data-parallel
         training only, DDP's first iteration: at other times only the user's own in-place gradient hooks change
         it, and a step left out for them would be every step."""
-        if self._sizes or self._own_steps or self._dp.world_size == 1 or self._dp.sharded:
+        if self._sizes or not self._track_versions or self._dp.sharded:
             return False
         params = self._params
         for g, slot, version in zip(self._held, self._held_slots, self._held_versions, strict=True):
@@ -1057,6 +1061,7 @@ class ScaledOptimizer(Optimizer):
             return loss
         self.steps += 1
         self._own_steps += 1
+        self._track_versions = False
         self._finish_stats(batch, scale)
         if self._dp.debug:
             self._dp.check_same(self._readings())  # every rank must hold these exact readings
