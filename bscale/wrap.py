@@ -210,6 +210,11 @@ class ScaledOptimizer(Optimizer):
             (default: False; one more all-reduce of a few scalars per step).
         bucket_mb: how many MiB of microbatch gradients are held before one fused launch (Triton) or one op (torch
             backend) takes their norms; fewer are held when a backward ends first (default: 32).
+        measure_every: measure one step in this many (default: 1, every step). The other steps run without the
+            statistics' passes over the gradients (their hooks only count the microbatch); readings, the LR scale
+            and the controller keep the latest measurement. Each measurement is weighted by the examples since the
+            one before, so the averages' horizon stays ``beta``'s in examples, from fewer readings: for the same
+            horizon the standard error grows by about √measure_every. Step 0 is always measured.
         backend: kernel backend, ``None`` to choose from the device (default), ``"torch"`` or ``"triton"``.
 
     Under ``torch.distributed``, one all-reduce of a few scalars per step runs over ``process_group``, launched
@@ -241,6 +246,7 @@ class ScaledOptimizer(Optimizer):
         debug: bool = False,
         bucket_mb: float = 32.0,
         backend: str | None = None,
+        measure_every: int = 1,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise ValueError(f"bscale.wrap needs a torch.optim.Optimizer instance, got {type(optimizer).__name__}")
@@ -265,6 +271,10 @@ class ScaledOptimizer(Optimizer):
         if isinstance(log_every, bool) or not (isinstance(log_every, int) and log_every > 0):
             raise ValueError(f"Invalid log_every: {log_every!r}; it must be a positive integer")
         _check_positive("bucket_mb", bucket_mb, unit="MiB")
+        if isinstance(measure_every, bool) or not (isinstance(measure_every, numbers.Integral) and measure_every > 0):
+            raise ValueError(
+                f"Invalid measure_every: {measure_every!r}; it must be a positive integer (1 measures every step)"
+            )
         if backend is not None and (not isinstance(backend, str) or backend.strip().lower() not in _BACKENDS):
             # Checked here: the kernels would raise it from a gradient hook, in the middle of a backward.
             raise ValueError(f"Invalid backend: {backend!r}; use None (choose from the device) or one of {_BACKENDS}")
@@ -338,6 +348,9 @@ class ScaledOptimizer(Optimizer):
         self.log_every = log_every
         self.backend = backend
         self._bucket_bytes = int(bucket_mb * 2**20)
+        self.measure_every = int(measure_every)
+        # Examples of the steps taken since the last measurement, by which the next one's weight is set.
+        self._unmeasured_examples = 0.0
         self.estimator = NoiseScaleEstimator(beta)
 
         self._dp = DataParallel(process_group, debug=debug)
@@ -507,6 +520,7 @@ class ScaledOptimizer(Optimizer):
             "last_full_micro": self._last_full_micro,
             "last_full_batch": self._last_full_batch,
             "last_full_k": self._last_full_k,
+            "unmeasured_examples": self._unmeasured_examples,
             "controller": None if self.controller is None else self.controller.state_dict(),
         }
 
@@ -565,6 +579,7 @@ class ScaledOptimizer(Optimizer):
         self._last_full_micro = ours.get("last_full_micro", self._last_full_micro)
         self._last_full_batch = ours.get("last_full_batch", self._last_full_batch)
         self._last_full_k = ours.get("last_full_k", self._last_full_k)
+        self._unmeasured_examples = ours.get("unmeasured_examples", 0.0)
         if ours.get("warned_one_microbatch", False):
             self._warned.add("one_microbatch")
         else:
@@ -612,6 +627,8 @@ class ScaledOptimizer(Optimizer):
                 opt = ref()
                 if opt is not None and not opt._skipping:
                     if not opt._in_backward and not opt._begin_backward(slot):
+                        return
+                    if not opt._measuring:  # a step left unmeasured (measure_every): the backward is only counted
                         return
                     if grad.is_sparse or grad.is_complex():
                         opt._on_unusual_grad(grad, slot)
@@ -700,6 +717,8 @@ class ScaledOptimizer(Optimizer):
 
     def _on_grad(self, grad: torch.Tensor, slot: int) -> None:
         if not self._in_backward and not self._begin_backward(slot):
+            return
+        if not self._measuring:
             return
         if grad.is_sparse or grad.is_complex():
             self._on_unusual_grad(grad, slot)
@@ -902,6 +921,26 @@ class ScaledOptimizer(Optimizer):
             return
         device = grads[present[0]].device
         self._ensure_sums(device)
+        if self._measuring:
+            self._read_norms(grads, present, device)
+        self._local_microbatches = self._dp.local_microbatches(len(self._sizes))
+        if self._dp.world_size > 1 and self._reduce is None:
+            # Also on a step left unmeasured: the collective carries the step's microbatch counts and examples.
+            if self._ride_out is not None and self._ride_k == len(self._sizes):
+                # ddp=: the statistics came back with DDP's last bucket; the synchronised gradient's norms are
+                # the same on every rank and need no reduction.
+                self._reduce = self._dp.rode(self._ride_out, self._big)
+                self._reduce_k = self._ride_k
+            elif len(self._sizes) == self._expected_count() and not self._rides:
+                # The expected last backward: the ranks have just synchronised their gradients, so launch the
+                # step's one all-reduce now and let it run while they clip and step. (Without an expected count,
+                # e.g. on the first step, it is launched in step(): one collective per step on every rank, so
+                # ranks that ran fewer microbatches than the others are still told apart, not left waiting.)
+                self._start_reduce()
+
+    def _read_norms(self, grads: list[torch.Tensor | None], present: list[int], device: torch.device) -> None:
+        """The squared norms of the accumulated ``.grad`` (``grads``, per slot; ``present``: those not None) into the
+        sums, with the microbatches' norms still pending, and the per-coordinate summaries."""
         backend = self._backend_for(device)
         if self._coord_norms(device):
             # Per-coordinate mode on the CPU: the sums of squares already hold Σ_j g_j², and the per-coordinate pass
@@ -929,19 +968,6 @@ class ScaledOptimizer(Optimizer):
             # Taken with |.grad|², before the user can clip or unscale .grad in place: the per-coordinate sums of
             # squares hold the unmodified microbatch gradients, and S must be their unmodified sum.
             self._coord_out = self._coordinate_stats(len(self._sizes), grads)
-        self._local_microbatches = self._dp.local_microbatches(len(self._sizes))
-        if self._dp.world_size > 1 and self._reduce is None:
-            if self._ride_out is not None and self._ride_k == len(self._sizes):
-                # ddp=: the statistics came back with DDP's last bucket; the synchronised gradient's norms are
-                # the same on every rank and need no reduction.
-                self._reduce = self._dp.rode(self._ride_out, self._big)
-                self._reduce_k = self._ride_k
-            elif len(self._sizes) == self._expected_count() and not self._rides:
-                # The expected last backward: the ranks have just synchronised their gradients, so launch the
-                # step's one all-reduce now and let it run while they clip and step. (Without an expected count,
-                # e.g. on the first step, it is launched in step(): one collective per step on every rank, so
-                # ranks that ran fewer microbatches than the others are still told apart, not left waiting.)
-                self._start_reduce()
 
     def _ride_payload(self, device: torch.device) -> torch.Tensor:
         """ddp=: called by the DDP hook when the last gradient bucket of a synchronising backward is ready (every
@@ -1012,10 +1038,13 @@ class ScaledOptimizer(Optimizer):
         self._have_big = False
         self._local_microbatches = 0
         self._versions: list[int] | None = None
-        # Per-coordinate mode: the sums of squares restart (one op), and a reading not consumed is dropped.
+        # Per-coordinate mode: the sums of squares restart (one op; a step left unmeasured left them at zero), and a
+        # reading not consumed is dropped.
         self._coord_out: tuple[int, torch.Tensor] | None = None
-        if self._coord_sq:
+        if self._coord_sq and getattr(self, "_measuring", True):
             torch._foreach_zero_(list(self._coord_sq.values()))
+        # Whether the coming step is measured: one in measure_every, counted in steps taken (the same on every rank).
+        self._measuring = self.steps % self.measure_every == 0
 
     # ---- the step -------------------------------------------------------------------------------------------------
 
@@ -1108,7 +1137,8 @@ class ScaledOptimizer(Optimizer):
         # value is gone, so this one step is left out of the estimate (the next one reads in time). Its examples
         # are still counted, and its batch size is still the one the LR is scaled for.
         # A microbatch's norm taken after its gradient was changed in place is no reading either.
-        unread = self._held_modified or (not self._have_big and not self._read_late())
+        # A step left unmeasured (measure_every) reads like an unread one: counted, not measured.
+        unread = not self._measuring or self._held_modified or (not self._have_big and not self._read_late())
         if unread:
             # NaN in this rank's |.grad|² reaches every rank through the step's reduction: all leave the step out,
             # even where other ranks could read theirs (their estimators must stay identical).
@@ -1167,6 +1197,8 @@ class ScaledOptimizer(Optimizer):
         self._last_batch = examples
         self._amp_skipped = inf_flag > 0
         if unread or inf_flag > 0 or not (math.isfinite(small_sum) and math.isfinite(big_sum)) or loss_scale == 0:
+            if not self._measuring and inf_flag <= 0:
+                self._unmeasured_examples += examples  # weighs the next measurement (see measure_every)
             return examples
         # Units: hooks see c·g_j, .grad holds c·k_local·ḡ, c = loss scale × (1/k_local if the loss is a mean).
         c = loss_scale * (1.0 / k_local if self.loss_reduction == "mean" else 1.0)
@@ -1176,7 +1208,10 @@ class ScaledOptimizer(Optimizer):
         if k < 2:
             self._warn_once("one_microbatch")
             return examples
-        self.estimator.update(small, big_sq, b, B, examples)
+        # The examples since the last measurement (this step's, and those of steps left unmeasured before it).
+        seen = examples + self._unmeasured_examples
+        self._unmeasured_examples = 0.0
+        self.estimator.update(small, big_sq, b, B, seen)
         if self._param_names is not None:
             L = len(self._layers)
             lay_small, lay_big = [0.0] * L, [0.0] * L
@@ -1188,9 +1223,9 @@ class ScaledOptimizer(Optimizer):
                     # No gradient reached this module this step (frozen, an unused branch, an expert no token was
                     # routed to): nothing measured, so its average is left as it stands rather than fed zeros.
                     continue
-                self._sub_estimator(name).update(s / k * to_true, g / m**2 * to_true, b, B, examples)
+                self._sub_estimator(name).update(s / k * to_true, g / m**2 * to_true, b, B, seen)
         if coord is not None:
-            self._record_coordinate_stats(extra, k, b, B, c, examples)
+            self._record_coordinate_stats(extra, k, b, B, c, seen)
         return examples
 
     def _sub_estimator(self, name: str) -> NoiseScaleEstimator:

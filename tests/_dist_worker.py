@@ -83,16 +83,20 @@ def _count(accum: int | Sequence[int], step: int) -> int:
 
 
 def reference(
-    ranks: Sequence[int], accum: int | Sequence[int], steps: int = STEPS, new_opt_at: int | None = None
+    ranks: Sequence[int],
+    accum: int | Sequence[int],
+    steps: int = STEPS,
+    new_opt_at: int | None = None,
+    **opt_kw: Any,
 ) -> list[dict[str, float]]:
     """One process running the microbatches of `ranks`, accumulated with loss / (len(ranks)·accum); a fresh
-    wrapped optimizer takes over at step `new_opt_at`."""
+    wrapped optimizer takes over at step `new_opt_at`; `opt_kw` go to the wrapper."""
     model = make_model()
-    opt = make_opt(model)
+    opt = make_opt(model, **opt_kw)
     out = []
     for step in range(steps):
         if step == new_opt_at:
-            opt = make_opt(model)
+            opt = make_opt(model, **opt_kw)
         a = _count(accum, step)
         for rank in ranks:
             for micro in range(a):
@@ -425,6 +429,30 @@ def ddp_ride_errors(c: Ctx) -> dict[str, Any]:
     return out
 
 
+MEASURE_EVERY = 2  # the measure_every scenario measures steps 0, 2, 4
+
+
+def measure_every(c: Ctx) -> dict[str, Any]:
+    """measure_every=2 under DDP (its own collective, and ddp=) and FSDP2: the unmeasured steps still count their
+    examples through the step's reduction, and every rank measures the same steps."""
+    from torch.distributed.fsdp import fully_shard
+
+    out: dict[str, Any] = {}
+    for name in ("every_ddp", "every_ride", "every_fsdp"):
+        model = make_model()
+        if name == "every_fsdp":
+            fully_shard(model[0])
+            fully_shard(model)
+            opt, ctx = make_opt(model, measure_every=MEASURE_EVERY, debug=True), _always_sync
+        else:
+            ddp = _ddp(model)
+            ride = {"ddp": ddp} if name == "every_ride" else {}
+            opt = make_opt(ddp, named=model, measure_every=MEASURE_EVERY, debug=True, **ride)
+            model, ctx = ddp, c.no_sync_but_last(ddp)
+        out[name] = train(model, opt, c.rank, c.accum, range(STEPS), ctx)
+    return out
+
+
 def fsdp(c: Ctx) -> dict[str, Any]:
     """FSDP2, with and without set_requires_gradient_sync(False) on the first microbatches."""
     from torch.distributed.fsdp import fully_shard
@@ -545,6 +573,7 @@ SCENARIOS = (
     ddp_ride,
     ddp_ride_more,
     ddp_ride_errors,
+    measure_every,
     fsdp,
     hsdp,
     fsdp_divide_factor,

@@ -131,6 +131,17 @@ def test_changing_accumulation_count(job, run):
         assert_readings(result(job, rank, run), want, what=f"rank {rank}")
 
 
+@pytest.mark.parametrize("run", ["every_ddp", "every_ride", "every_fsdp"])
+def test_measure_every_matches_one_process(job, run):
+    """measure_every=2: steps 0, 2, 4 measured on every rank, as one process measuring the same steps."""
+    want = W.reference(range(WORLD), ACCUM, measure_every=W.MEASURE_EVERY)
+    every_step = W.reference(range(WORLD), ACCUM)
+    assert want[1]["noise_scale"] == want[0]["noise_scale"] != every_step[1]["noise_scale"]
+    for rank in range(WORLD):
+        assert_readings(result(job, rank, run), want, what=f"{run} rank {rank}")
+    assert_readings(result(job, 1, run), result(job, 0, run), rtol=0.0, what=f"{run} rank 1 vs 0")
+
+
 def test_a_step_one_rank_cannot_read_is_left_out_on_every_rank(job):
     # Steps 0, 1, 4 are read; 2 and 3 (fewer microbatches, .grad changed in place on rank 0) are left out.
     assert [result(job, rank, "ddp_unread_one_rank_steps") for rank in range(WORLD)] == [3] * WORLD
