@@ -45,9 +45,7 @@ def _step(model: torch.nn.Module, opt: bscale.ScaledOptimizer, step: int) -> Non
 
 def _run(steps: int, **kw) -> tuple[torch.nn.Module, bscale.ScaledOptimizer, list[dict[str, float]]]:
     model = _model()
-    opt = bscale.wrap(
-        torch.optim.AdamW(model.parameters(), lr=1e-2), microbatch_size=MICRO, beta=0.9, **kw
-    )
+    opt = bscale.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2), microbatch_size=MICRO, beta=0.9, **kw)
     rows = []
     for t in range(steps):
         _step(model, opt, t)
