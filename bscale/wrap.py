@@ -210,11 +210,13 @@ class ScaledOptimizer(Optimizer):
             (default: False; one more all-reduce of a few scalars per step).
         bucket_mb: how many MiB of microbatch gradients are held before one fused launch (Triton) or one op (torch
             backend) takes their norms; fewer are held when a backward ends first (default: 32).
-        measure_every: measure one step in this many (default: 1, every step). The other steps run without the
-            statistics' passes over the gradients (their hooks only count the microbatch); readings, the LR scale
-            and the controller keep the latest measurement. Each measurement is weighted by the examples since the
-            one before, so the averages' horizon stays ``beta``'s in examples, from fewer readings: for the same
-            horizon the standard error grows by about √measure_every. Step 0 is always measured.
+        measure_every: measure one step in this many: the last of every ``measure_every`` steps (default: 1, every
+            step), so a logger whose ``log_every`` is a multiple of it logs fresh readings. The other steps run
+            without the statistics' passes over the gradients (their hooks count the microbatch and nothing
+            else); readings, the LR scale and the controller keep the latest measurement. Each measurement is
+            weighted by the examples since the one before (as is the first one after any step left out), so the
+            averages keep ``beta``'s horizon in examples, from fewer readings: while ``measure_every·(1 − beta)``
+            is small, the standard error grows by about √measure_every.
         backend: kernel backend, ``None`` to choose from the device (default), ``"torch"`` or ``"triton"``.
 
     Under ``torch.distributed``, one all-reduce of a few scalars per step runs over ``process_group``, launched
@@ -349,8 +351,9 @@ class ScaledOptimizer(Optimizer):
         self.backend = backend
         self._bucket_bytes = int(bucket_mb * 2**20)
         self.measure_every = int(measure_every)
-        # Examples of the steps taken since the last measurement, by which the next one's weight is set.
-        self._unmeasured_examples = 0.0
+        # Examples of the steps taken since the last measurement (left unmeasured, or left out), by which the next
+        # measurement's weight is set.
+        self._pending_examples = 0.0
         self.estimator = NoiseScaleEstimator(beta)
 
         self._dp = DataParallel(process_group, debug=debug)
@@ -520,7 +523,8 @@ class ScaledOptimizer(Optimizer):
             "last_full_micro": self._last_full_micro,
             "last_full_batch": self._last_full_batch,
             "last_full_k": self._last_full_k,
-            "unmeasured_examples": self._unmeasured_examples,
+            "pending_examples": self._pending_examples,
+            "coord": dict(getattr(self, "_coord", {})),  # the last measured step's per-coordinate readings
             "controller": None if self.controller is None else self.controller.state_dict(),
         }
 
@@ -540,6 +544,8 @@ class ScaledOptimizer(Optimizer):
             # A bare optimizer's checkpoint: readings taken before the load belong to another trajectory.
             self.estimator.reset()
             self._layer_estimators = {}
+            self._pending_examples = 0.0
+            self._coord = {}
         self._reset_step_stats()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
@@ -579,7 +585,8 @@ class ScaledOptimizer(Optimizer):
         self._last_full_micro = ours.get("last_full_micro", self._last_full_micro)
         self._last_full_batch = ours.get("last_full_batch", self._last_full_batch)
         self._last_full_k = ours.get("last_full_k", self._last_full_k)
-        self._unmeasured_examples = ours.get("unmeasured_examples", 0.0)
+        self._pending_examples = ours.get("pending_examples", 0.0)
+        self._coord = dict(ours.get("coord", {}))
         if ours.get("warned_one_microbatch", False):
             self._warned.add("one_microbatch")
         else:
@@ -888,7 +895,8 @@ class ScaledOptimizer(Optimizer):
 
     def _note_versions(self) -> None:
         # In-place changes (clipping, GradScaler's unscale) bump these: step() reads .grad late only if none did.
-        self._versions = self._grad_versions()
+        if self._measuring:
+            self._versions = self._grad_versions()
         self._mark_grad()
 
     def _read_late(self) -> bool:
@@ -1043,8 +1051,9 @@ class ScaledOptimizer(Optimizer):
         self._coord_out: tuple[int, torch.Tensor] | None = None
         if self._coord_sq and getattr(self, "_measuring", True):
             torch._foreach_zero_(list(self._coord_sq.values()))
-        # Whether the coming step is measured: one in measure_every, counted in steps taken (the same on every rank).
-        self._measuring = self.steps % self.measure_every == 0
+        # Whether the coming step is measured: the last of every measure_every, counted in steps taken (the same on
+        # every rank).
+        self._measuring = (self.steps + 1) % self.measure_every == 0
 
     # ---- the step -------------------------------------------------------------------------------------------------
 
@@ -1129,9 +1138,11 @@ class ScaledOptimizer(Optimizer):
             self._dp.finish_reduce(self._reduce)
             self._reduce = None
             return self._last_batch
-        if k_local == 0 or self._sums is None:
+        if k_local == 0:
             # No backward since the last step: nothing to measure; the batch is unknown, keep the previous one.
             return self._last_batch
+        if self._sums is None:  # a fresh wrapper's unmeasured first step read before its expected count
+            self._ensure_sums(self._params[0].device)
         self._expected_k = k_local  # the next step most likely accumulates as many microbatches
         # Fewer backwards than expected, and .grad was modified (clipped, unscaled) before step(): its unmodified
         # value is gone, so this one step is left out of the estimate (the next one reads in time). Its examples
@@ -1139,9 +1150,10 @@ class ScaledOptimizer(Optimizer):
         # A microbatch's norm taken after its gradient was changed in place is no reading either.
         # A step left unmeasured (measure_every) reads like an unread one: counted, not measured.
         unread = not self._measuring or self._held_modified or (not self._have_big and not self._read_late())
-        if unread:
+        if unread and self._measuring:
             # NaN in this rank's |.grad|² reaches every rank through the step's reduction: all leave the step out,
-            # even where other ranks could read theirs (their estimators must stay identical).
+            # even where other ranks could read theirs (their estimators must stay identical). (An unmeasured step
+            # is one on every rank.)
             self._big.fill_(math.nan)
         found_inf = getattr(self, "found_inf", None)
         scale = self._scaler_scale()
@@ -1168,8 +1180,12 @@ class ScaledOptimizer(Optimizer):
             reduced = self._dp.finish_reduce(self._reduce, flags)
             self._reduce = None
         else:
-            packed = self._pack_local()
-            local = (packed if flags is None else torch.cat([packed, flags])).tolist()  # the step's one host sync
+            # An unmeasured step reads only its flags, if any (its sums were never added to).
+            packed = self._pack_local() if self._measuring else self._sums[:0]
+            if flags is None:
+                local = packed.tolist() if packed.numel() else []  # the step's one host sync
+            else:
+                local = torch.cat([packed, flags]).tolist()
             n = packed.numel()
             reduced = {
                 "values": local[:n],
@@ -1197,8 +1213,8 @@ class ScaledOptimizer(Optimizer):
         self._last_batch = examples
         self._amp_skipped = inf_flag > 0
         if unread or inf_flag > 0 or not (math.isfinite(small_sum) and math.isfinite(big_sum)) or loss_scale == 0:
-            if not self._measuring and inf_flag <= 0:
-                self._unmeasured_examples += examples  # weighs the next measurement (see measure_every)
+            if inf_flag <= 0:
+                self._pending_examples += examples  # trained on: they weigh the next measurement
             return examples
         # Units: hooks see c·g_j, .grad holds c·k_local·ḡ, c = loss scale × (1/k_local if the loss is a mean).
         c = loss_scale * (1.0 / k_local if self.loss_reduction == "mean" else 1.0)
@@ -1207,10 +1223,14 @@ class ScaledOptimizer(Optimizer):
         big_sq = big_sum / (m**2) * to_true
         if k < 2:
             self._warn_once("one_microbatch")
+            self._pending_examples += examples
             return examples
         # The examples since the last measurement (this step's, and those of steps left unmeasured before it).
-        seen = examples + self._unmeasured_examples
-        self._unmeasured_examples = 0.0
+        seen = examples + self._pending_examples
+        self._pending_examples = 0.0
+        if self.estimator.ref_batch is None:
+            # beta counts steps of the first measured step's own batch, not of the examples pooled before it.
+            self.estimator.ref_batch = examples
         self.estimator.update(small, big_sq, b, B, seen)
         if self._param_names is not None:
             L = len(self._layers)

@@ -58,11 +58,12 @@ def test_measured_steps_feed_the_estimator_weighted_by_examples_since_the_last()
     model1, _, rows1 = _run(steps)
     model3, opt3, rows3 = _run(steps, measure_every=every)
     assert all(torch.equal(a, b) for a, b in zip(model1.parameters(), model3.parameters(), strict=True))
-    expected = NoiseScaleEstimator(0.9)
+    # beta counts steps of the first measured step's own batch, not of the examples pooled into its weight.
+    expected = NoiseScaleEstimator(0.9, ref_batch=rows1[every - 1]["batch_size"])
     pending = 0.0
     for t, row in enumerate(rows1):
         pending += row["batch_size"]
-        if t % every == 0:  # steps 0, 3, 6, 9 are measured
+        if (t + 1) % every == 0:  # steps 2, 5, 8 are measured (the last of every three)
             expected.add(row["step_grad_sq"], row["step_trace_sigma"], pending)
             pending = 0.0
         reading = expected.reading()
@@ -72,9 +73,10 @@ def test_measured_steps_feed_the_estimator_weighted_by_examples_since_the_last()
             assert _same(rows3[t][key], want[key]), (t, key)
         for key in ("examples", "steps", "batch_size", "microbatches"):
             assert rows3[t][key] == rows1[t][key], (t, key)
-    assert opt3.estimator.steps == 4
-    assert opt3.estimator.examples == sum(r["batch_size"] for r in rows1[:10])
-    assert opt3._unmeasured_examples == rows1[10]["batch_size"]
+    assert opt3.estimator.steps == 3
+    assert opt3.estimator.ref_batch == rows1[2]["batch_size"]  # the first measured step's own batch
+    assert opt3.estimator.examples == sum(r["batch_size"] for r in rows1[:9])
+    assert opt3._pending_examples == sum(r["batch_size"] for r in rows1[9:])
 
 
 def test_unmeasured_steps_take_no_norms():
@@ -86,9 +88,8 @@ def test_unmeasured_steps_take_no_norms():
         for t in range(8):
             before = len(calls)
             _step(model, opt, t)
-            # Measured: one op per backward and one for .grad (after each backward on the first step, whose count is
-            # not known yet); unmeasured: none.
-            assert len(calls) - before == {0: 2 * K, 4: K + 1}.get(t, 0), t
+            # Measured (steps 3 and 7): one op per backward and one for .grad; unmeasured: none.
+            assert len(calls) - before == {3: K + 1, 7: K + 1}.get(t, 0), t
     assert opt.steps == 8 and opt.noise_scale is not None
 
 
@@ -105,39 +106,124 @@ def test_per_coordinate_buffers_stay_untouched_on_unmeasured_steps():
             x, y = _batch(t, j)
             opt.microbatch_size = x.shape[0]
             (torch.nn.functional.mse_loss(model(x), y) / K).backward()
-            if t % 3:
+            if (t + 1) % 3:
                 assert all(not buf.any() for buf in opt._coord_sq.values()), t
         opt.step()
         opt.zero_grad()
         rows.append(opt.stats)
     # Per-step snapshots: the measured step's, standing until the next measurement.
     for t in range(7):
-        measured = t - t % 3
+        measured = t - (t + 1) % 3
+        if measured < 0:
+            assert "coord/sum_sigma_sq" not in rows[t]
+            continue
         for key in ("coord/sum_sigma_sq", "coord/sum_mu_sq", "coord/frac_small_batch", "coord/snr_hist/5"):
             assert rows[t][key] == rows1[measured][key], (t, key)
-    assert math.isfinite(rows[-1]["adam_preconditioned/noise_scale"])
+    # The Adam-preconditioned estimator is fed at the measured steps only (2 and 5).
+    assert opt._layer_estimators["__adam_preconditioned__"].steps == 2
+
+
+def _wrapped(model: torch.nn.Module, **kw) -> bscale.ScaledOptimizer:
+    return bscale.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2), microbatch_size=MICRO, beta=0.9, **kw)
 
 
 def test_resume_between_measurements_matches_an_uninterrupted_run(tmp_path):
-    steps, every, cut = 9, 4, 6  # saved after step 5: one unmeasured step's examples pending
-    _, opt_full, rows_full = _run(steps, measure_every=every, named_parameters=None)
+    steps, every, cut = 9, 4, 6  # saved after step 5: steps 4 and 5 unmeasured, their examples pending
+    kw = {"measure_every": every, "per_coordinate": True}
+    _, opt_full, rows_full = _run(steps, **kw)
     model = _model()
-    opt = bscale.wrap(torch.optim.AdamW(model.parameters(), lr=1e-2), microbatch_size=MICRO, beta=0.9,
-                      measure_every=every)  # fmt: skip
+    opt = _wrapped(model, **kw)
     for t in range(cut):
         _step(model, opt, t)
-    assert opt._unmeasured_examples > 0
+    assert opt._pending_examples > 0
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
     ckpt = torch.load(tmp_path / "ckpt.pt", map_location="cpu")
     model2 = _model(seed=5)
     model2.load_state_dict(ckpt["model"])
-    opt2 = bscale.wrap(torch.optim.AdamW(model2.parameters(), lr=1e-2), microbatch_size=MICRO, beta=0.9,
-                       measure_every=every)  # fmt: skip
+    opt2 = _wrapped(model2, **kw)
     opt2.load_state_dict(ckpt["opt"])
     for t in range(cut, steps):
         _step(model2, opt2, t)
-    assert all(_same(opt2.stats[k], v) for k, v in rows_full[-1].items())
+        # Every key, the last measurement's per-coordinate readings included, as in the uninterrupted run.
+        assert set(opt2.stats) == set(rows_full[t]), t
+        assert all(_same(opt2.stats[k], v) for k, v in rows_full[t].items()), t
     assert opt2.estimator.state_dict() == opt_full.estimator.state_dict()
+
+
+def _spy_weights(opt: bscale.ScaledOptimizer) -> list[float]:
+    """The examples each estimator update is weighted by."""
+    weights: list[float] = []
+    add = opt.estimator.add
+    opt.estimator.add = lambda g, t, b: weights.append(b) or add(g, t, b)
+    return weights
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_step_left_out_weighs_the_next_measurement(every):
+    # Step 3 (measured either way) runs one microbatch short and is clipped before step(): .grad is read too late,
+    # so the step is left out, and its examples join the next measurement's weight.
+    model = _model()
+    opt = _wrapped(model, measure_every=every)
+    weights = _spy_weights(opt)
+    sizes = []
+    for t in range(6):
+        k = K - 1 if t == 3 else K
+        for j in range(k):
+            x, y = _batch(t, j)
+            opt.microbatch_size = x.shape[0]
+            (torch.nn.functional.mse_loss(model(x), y) / k).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        opt.step()
+        opt.zero_grad()
+        sizes.append(opt.stats["batch_size"])
+    if every == 1:
+        want = [sizes[0], sizes[1], sizes[2], sizes[3] + sizes[4], sizes[5]]
+    else:  # steps 1, 3, 5 measured; 3 left out
+        want = [sizes[0] + sizes[1], sizes[2] + sizes[3] + sizes[4] + sizes[5]]
+    assert weights == want
+
+
+def test_an_unmeasured_short_first_step_of_a_resumed_wrapper_counts(tmp_path):
+    # A fresh wrapper loads a checkpoint between measurements, and its first step runs one microbatch fewer than
+    # the controller's count (an epoch's end): the step's examples and LR scale are those of its real batch.
+    def make(model):
+        ctl = bscale.BatchSizeController("double", min_batch=4 * MICRO, max_batch=64 * MICRO, multiple_of=MICRO)
+        return bscale.wrap(torch.optim.SGD(model.parameters(), lr=1e-2), microbatch_size=MICRO, measure_every=3,
+                           controller=ctl, rule="linear", ref_batch=2 * MICRO)  # fmt: skip
+
+    model = _model()
+    opt = make(model)
+    for t in range(4):
+        k = opt.accumulation_steps()
+        for j in range(k):
+            x, y = _batch(t, j)
+            x, y = x[:MICRO], y[:MICRO]
+            (torch.nn.functional.mse_loss(model(x), y) / k).backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    opt2 = make(model)
+    opt2.load_state_dict(torch.load(tmp_path / "opt.pt"))
+    assert not opt2._measuring
+    k = opt2.accumulation_steps() - 1
+    for j in range(k):
+        x, y = _batch(9, j)
+        (torch.nn.functional.mse_loss(model(x[:MICRO]), y[:MICRO]) / k).backward()
+    before = opt2.examples
+    opt2.step()
+    assert opt2.examples - before == k * MICRO
+    assert opt2.stats["batch_size"] == k * MICRO and opt2.stats["lr_scale"] == k / 2
+
+
+def test_a_bare_checkpoint_drops_the_pending_examples():
+    model = _model()
+    opt = _wrapped(model, measure_every=4)
+    for t in range(2):
+        _step(model, opt, t)
+    assert opt._pending_examples > 0
+    bare = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt.load_state_dict(bare.state_dict())
+    assert opt._pending_examples == 0.0 and opt.estimator.steps == 0
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "3", None])

@@ -101,7 +101,8 @@ def test_a_grad_scaler_unscaling_before_a_shorter_step_leaves_that_step_out():
 
 
 def _run_reference_without_the_short_step(counts):
-    """The same data without a scaler, with the shorter step's statistics left out by hand (skipped data)."""
+    """The same data without a scaler, with the shorter step's statistics left out by hand (skipped data, its
+    examples still counted)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 1)
     opt = bscale.wrap(torch.optim.AdamW(model.parameters(), lr=0.0), microbatch_size=4)
@@ -115,4 +116,6 @@ def _run_reference_without_the_short_step(counts):
         if step != 2:
             opt.step()
             opt.zero_grad()
+        else:  # the step left out was still trained on: its examples weigh the next reading
+            opt._pending_examples += 4.0 * k
     return opt.estimator.state_dict()
