@@ -206,12 +206,15 @@ class ScaledOptimizer(Optimizer):
             all-reduce (a communication hook appends them to its last bucket) instead of in one more collective.
             Not with a communication hook of your own (DDP takes one per model). Default: None.
         debug: under ``torch.distributed``, check after every step that all ranks hold identical readings
-            and that the step's gradient was synchronised; ``RuntimeError`` names what differs
+            and that the step's gradient was synchronised (that one on measured steps, see ``measure_every``);
+            ``RuntimeError`` names what differs
             (default: False; one more all-reduce of a few scalars per step).
         bucket_mb: how many MiB of microbatch gradients are held before one fused launch (Triton) or one op (torch
             backend) takes their norms; fewer are held when a backward ends first (default: 32).
         measure_every: measure one step in this many: the last of every ``measure_every`` steps (default: 1, every
-            step), so a logger whose ``log_every`` is a multiple of it logs fresh readings. The other steps run
+            step), so a logger whose ``log_every`` is a multiple of it logs fresh readings, and before that every
+            step until the estimator has its first reading (the first step, or the first after a bare optimizer's
+            checkpoint), so that a rule scales the LR from a measurement from the start. The other steps run
             without the statistics' passes over the gradients (their hooks count the microbatch and nothing
             else); readings, the LR scale and the controller keep the latest measurement. Each measurement is
             weighted by the examples since the one before (as is the first one after any step left out), so the
@@ -586,7 +589,7 @@ class ScaledOptimizer(Optimizer):
         self._last_full_batch = ours.get("last_full_batch", self._last_full_batch)
         self._last_full_k = ours.get("last_full_k", self._last_full_k)
         self._pending_examples = ours.get("pending_examples", 0.0)
-        self._coord = dict(ours.get("coord", {}))
+        self._coord = dict(ours.get("coord", {})) if self.per_coordinate else {}
         if ours.get("warned_one_microbatch", False):
             self._warned.add("one_microbatch")
         else:
@@ -931,6 +934,10 @@ class ScaledOptimizer(Optimizer):
         self._ensure_sums(device)
         if self._measuring:
             self._read_norms(grads, present, device)
+            if self._held_modified:
+                # A held gradient changed in place before its norm: left out, on every rank, by the NaN that the
+                # reduction launched below (or riding DDP's bucket) carries (_update_estimates).
+                self._big.fill_(math.nan)
         self._local_microbatches = self._dp.local_microbatches(len(self._sizes))
         if self._dp.world_size > 1 and self._reduce is None:
             # Also on a step left unmeasured: the collective carries the step's microbatch counts and examples.
@@ -989,6 +996,10 @@ class ScaledOptimizer(Optimizer):
         self._add_norms()
         if self._sums is None:
             self._ensure_sums(device)
+        if self._held_modified:
+            # A held gradient changed in place before its norm: the synchronised .grad's norm is the same on every
+            # rank, so the NaN that leaves the step out on every rank rides in this rank's microbatch sums.
+            self._small.fill_(math.nan)
         self._ride_k, self._ride_out = len(sizes), None
         self._rides = True
         return self._dp.ride_payload(self._small, sizes)
@@ -1051,9 +1062,9 @@ class ScaledOptimizer(Optimizer):
         self._coord_out: tuple[int, torch.Tensor] | None = None
         if self._coord_sq and getattr(self, "_measuring", True):
             torch._foreach_zero_(list(self._coord_sq.values()))
-        # Whether the coming step is measured: the last of every measure_every, counted in steps taken (the same on
-        # every rank).
-        self._measuring = (self.steps + 1) % self.measure_every == 0
+        # Whether the coming step is measured: the last of every measure_every, counted in steps taken, and any step
+        # before the first reading (both the same on every rank).
+        self._measuring = self.estimator.steps == 0 or (self.steps + 1) % self.measure_every == 0
 
     # ---- the step -------------------------------------------------------------------------------------------------
 
@@ -1476,7 +1487,11 @@ class ScaledOptimizer(Optimizer):
                 "of copies whose .grad is assigned, such as fp32 master weights, is not measured; wrap one of the "
                 "parameters backward runs on)"
             )
-        return self.estimator.reading().reason
+        reason = self.estimator.reading().reason
+        n = self.measure_every
+        if reason is not None and n > 1 and self.estimator.steps == 1:
+            return f"standard errors need at least 2 measured steps (measure_every={n}: one step in {n})"
+        return reason
 
     @property
     def batch_size(self) -> int | None:

@@ -269,6 +269,21 @@ def ddp_static_graph_and_untouched(c: Ctx) -> dict[str, Any]:
     train(ddp, opt, c.rank, c.accum, range(STEPS), c.no_sync_but_last(ddp))
     out["ddp_post_hook_steps"] = opt.estimator.steps
 
+    # The same edit on rank 0 only, where the step's reduction is launched at the last backward (a controller's
+    # count is known from the first step) or rides DDP's bucket (ddp=): every rank must still leave that step out.
+    for name in ("ddp_post_hook_rank0_controller", "ddp_post_hook_rank0_ride"):
+        model = make_model()
+        ddp = _ddp(model)
+        if c.rank == 0:
+            for p in model.parameters():
+                p.register_post_accumulate_grad_hook(_clamp_grad)
+        batch_size = c.world * c.accum * MICRO
+        kw: dict[str, Any] = {"ddp": ddp} if name.endswith("ride") else {}
+        kw["controller"] = bscale.BatchSizeController(min_batch=batch_size, max_batch=batch_size, multiple_of=MICRO)
+        opt = make_opt(ddp, named=model, debug=True, rule=None, **kw)
+        out[name] = train(ddp, opt, c.rank, c.accum, range(STEPS), c.no_sync_but_last(ddp))
+        out[f"{name}_steps"] = opt.estimator.steps
+
     model, head = make_model(), nn.Linear(D_OUT, 1)
     opt = make_opt(head)
 

@@ -142,6 +142,15 @@ def test_measure_every_matches_one_process(job, run):
     assert_readings(result(job, 1, run), result(job, 0, run), rtol=0.0, what=f"{run} rank 1 vs 0")
 
 
+@pytest.mark.parametrize("run", ["ddp_post_hook_rank0_controller", "ddp_post_hook_rank0_ride"])
+def test_a_first_step_one_rank_edits_in_place_is_left_out_on_every_rank(job, run):
+    # Rank 0's post-accumulate hook edits .grad in place: its first step cannot be read there, and the step's
+    # reduction, launched before step() (a controller's count) or riding DDP's bucket, must leave it out on both.
+    for rank in range(WORLD):
+        assert result(job, rank, f"{run}_steps") == W.STEPS - 1, rank
+    assert_readings(result(job, 1, run), result(job, 0, run), rtol=0.0, what=run)
+
+
 def test_a_step_one_rank_cannot_read_is_left_out_on_every_rank(job):
     # Steps 0, 1, 4 are read; 2 and 3 (fewer microbatches, .grad changed in place on rank 0) are left out.
     assert [result(job, rank, "ddp_unread_one_rank_steps") for rank in range(WORLD)] == [3] * WORLD

@@ -1,5 +1,6 @@
 """`measure_every=N`: one step in N is measured; the others run without the statistics' passes over the gradients.
 
+Measured: every step until the first reading (step 0 here), then the last of every N (steps N−1, 2N−1, ...).
 The wrapper only observes here (no rule), so the parameters follow the same trajectory whatever N is, and a measured
 step sees exactly the gradients the every-step run saw: its readings must be those of an estimator fed the
 every-step run's per-step estimates at the measured steps, each weighted by the examples since the one before.
@@ -17,6 +18,10 @@ import bscale
 from bscale.estimate import NoiseScaleEstimator
 
 D, MICRO, K = 12, 16, 4
+
+
+def _measured(t: int, every: int) -> bool:
+    return t == 0 or (t + 1) % every == 0
 
 
 def _same(a: float, b: float) -> bool:
@@ -59,11 +64,11 @@ def test_measured_steps_feed_the_estimator_weighted_by_examples_since_the_last()
     model3, opt3, rows3 = _run(steps, measure_every=every)
     assert all(torch.equal(a, b) for a, b in zip(model1.parameters(), model3.parameters(), strict=True))
     # beta counts steps of the first measured step's own batch, not of the examples pooled into its weight.
-    expected = NoiseScaleEstimator(0.9, ref_batch=rows1[every - 1]["batch_size"])
+    expected = NoiseScaleEstimator(0.9, ref_batch=rows1[0]["batch_size"])
     pending = 0.0
     for t, row in enumerate(rows1):
         pending += row["batch_size"]
-        if (t + 1) % every == 0:  # steps 2, 5, 8 are measured (the last of every three)
+        if _measured(t, every):  # steps 0, 2, 5, 8
             expected.add(row["step_grad_sq"], row["step_trace_sigma"], pending)
             pending = 0.0
         reading = expected.reading()
@@ -73,8 +78,8 @@ def test_measured_steps_feed_the_estimator_weighted_by_examples_since_the_last()
             assert _same(rows3[t][key], want[key]), (t, key)
         for key in ("examples", "steps", "batch_size", "microbatches"):
             assert rows3[t][key] == rows1[t][key], (t, key)
-    assert opt3.estimator.steps == 3
-    assert opt3.estimator.ref_batch == rows1[2]["batch_size"]  # the first measured step's own batch
+    assert opt3.estimator.steps == 4
+    assert opt3.estimator.ref_batch == rows1[0]["batch_size"]
     assert opt3.estimator.examples == sum(r["batch_size"] for r in rows1[:9])
     assert opt3._pending_examples == sum(r["batch_size"] for r in rows1[9:])
 
@@ -88,8 +93,9 @@ def test_unmeasured_steps_take_no_norms():
         for t in range(8):
             before = len(calls)
             _step(model, opt, t)
-            # Measured (steps 3 and 7): one op per backward and one for .grad; unmeasured: none.
-            assert len(calls) - before == {3: K + 1, 7: K + 1}.get(t, 0), t
+            # Measured (steps 0, 3 and 7): one op per backward and one for .grad (after every backward in the first
+            # step, whose count is not known yet); unmeasured: none.
+            assert len(calls) - before == {0: 2 * K, 3: K + 1, 7: K + 1}.get(t, 0), t
     assert opt.steps == 8 and opt.noise_scale is not None
 
 
@@ -106,20 +112,17 @@ def test_per_coordinate_buffers_stay_untouched_on_unmeasured_steps():
             x, y = _batch(t, j)
             opt.microbatch_size = x.shape[0]
             (torch.nn.functional.mse_loss(model(x), y) / K).backward()
-            if (t + 1) % 3:
+            if not _measured(t, 3):
                 assert all(not buf.any() for buf in opt._coord_sq.values()), t
         opt.step()
         opt.zero_grad()
         rows.append(opt.stats)
     # Per-step snapshots: the measured step's, standing until the next measurement.
     for t in range(7):
-        measured = t - (t + 1) % 3
-        if measured < 0:
-            assert "coord/sum_sigma_sq" not in rows[t]
-            continue
+        measured = max(m for m in range(t + 1) if _measured(m, 3))
         for key in ("coord/sum_sigma_sq", "coord/sum_mu_sq", "coord/frac_small_batch", "coord/snr_hist/5"):
             assert rows[t][key] == rows1[measured][key], (t, key)
-    # The Adam-preconditioned estimator is fed at the measured steps only (2 and 5).
+    # The Adam-preconditioned estimator is fed at the measured steps only (2 and 5: Adam has no v at step 0).
     assert opt._layer_estimators["__adam_preconditioned__"].steps == 2
 
 
@@ -128,7 +131,7 @@ def _wrapped(model: torch.nn.Module, **kw) -> bscale.ScaledOptimizer:
 
 
 def test_resume_between_measurements_matches_an_uninterrupted_run(tmp_path):
-    steps, every, cut = 9, 4, 6  # saved after step 5: steps 4 and 5 unmeasured, their examples pending
+    steps, every, cut = 9, 4, 6  # measured: 0, 3, 7; saved after step 5, steps 4 and 5's examples pending
     kw = {"measure_every": every, "per_coordinate": True}
     _, opt_full, rows_full = _run(steps, **kw)
     model = _model()
@@ -178,8 +181,8 @@ def test_a_step_left_out_weighs_the_next_measurement(every):
         sizes.append(opt.stats["batch_size"])
     if every == 1:
         want = [sizes[0], sizes[1], sizes[2], sizes[3] + sizes[4], sizes[5]]
-    else:  # steps 1, 3, 5 measured; 3 left out
-        want = [sizes[0] + sizes[1], sizes[2] + sizes[3] + sizes[4] + sizes[5]]
+    else:  # steps 0, 1, 3, 5 measured; 3 left out
+        want = [sizes[0], sizes[1], sizes[2] + sizes[3] + sizes[4] + sizes[5]]
     assert weights == want
 
 
@@ -224,6 +227,38 @@ def test_a_bare_checkpoint_drops_the_pending_examples():
     bare = torch.optim.AdamW(model.parameters(), lr=1e-2)
     opt.load_state_dict(bare.state_dict())
     assert opt._pending_examples == 0.0 and opt.estimator.steps == 0
+
+
+def test_a_rule_scales_the_lr_from_a_measurement_from_the_first_step():
+    # Without a reading the noise-aware rule has no B_noise (it would scale like the linear rule): the first step,
+    # and the first after a bare optimizer's checkpoint, are measured whatever measure_every says.
+    model = _model()
+    opt = _wrapped(model, measure_every=10, rule="noise", ref_batch=MICRO)
+    scales = []
+    for t in range(4):
+        _step(model, opt, t)
+        scales.append(opt.stats["lr_scale"])
+    model1 = _model()
+    opt1 = _wrapped(model1, rule="noise", ref_batch=MICRO)
+    _step(model1, opt1, 0)
+    assert scales[0] == opt1.stats["lr_scale"]  # as measuring every step
+    assert abs(scales[0] - math.sqrt(opt.stats["batch_size"] / MICRO)) > 0.5  # not Adam's rule without a reading
+    assert scales[1:] == [scales[0]] * 3  # B_noise stands between measurements
+    opt.load_state_dict(torch.optim.AdamW(model.parameters(), lr=1e-2).state_dict())
+    assert opt.noise_scale is None and opt._measuring
+    _step(model, opt, 4)
+    assert opt.estimator.steps == 1 and not opt._measuring
+
+
+def test_reason_speaks_of_measured_steps():
+    model = _model()
+    opt = _wrapped(model, measure_every=3)
+    reasons = []
+    for t in range(6):
+        _step(model, opt, t)
+        reasons.append(opt.reason)
+    assert reasons[:2] == ["standard errors need at least 2 measured steps (measure_every=3: one step in 3)"] * 2
+    assert reasons[2:] == [None] * 4 and opt.stats["noise_scale_stderr"] > 0
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "3", None])
