@@ -872,7 +872,8 @@ class ScaledOptimizer(Optimizer):
                 "bscale: gradients arrived after DDP's last bucket had carried this backward's statistics; "
                 "with ddp=, every parameter of the optimizer must be one DDP synchronises: drop ddp="
             )
-        self._norm_held()
+        if self._held or self._pending:  # none on a step left unmeasured
+            self._norm_held()
         self._in_backward = False
         self._sizes.append(float(self.microbatch_size))
         # Only the step's last backward leaves the .grad that matters, so |.grad|² is read once per step: at the
