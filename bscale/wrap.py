@@ -212,9 +212,10 @@ class ScaledOptimizer(Optimizer):
         bucket_mb: how many MiB of microbatch gradients are held before one fused launch (Triton) or one op (torch
             backend) takes their norms; fewer are held when a backward ends first (default: 32).
         measure_every: measure one step in this many: the last of every ``measure_every`` steps (default: 1, every
-            step), so a logger whose ``log_every`` is a multiple of it logs fresh readings, and before that every
+            step), so a logger whose ``log_every`` is a multiple of it logs fresh readings; before that every
             step until the estimator has its first reading (the first step, or the first after a bare optimizer's
-            checkpoint), so that a rule scales the LR from a measurement from the start. The other steps run
+            checkpoint), so that a rule scales the LR from a measurement from the start; and the step after a
+            measured one that gave no reading (left out, or skipped by GradScaler). The other steps run
             without the statistics' passes over the gradients (their hooks count the microbatch and nothing
             else); readings, the LR scale and the controller keep the latest measurement. Each measurement is
             weighted by the examples since the one before (as is the first one after any step left out), so the
@@ -357,6 +358,7 @@ class ScaledOptimizer(Optimizer):
         # Examples of the steps taken since the last measurement (left unmeasured, or left out), by which the next
         # measurement's weight is set.
         self._pending_examples = 0.0
+        self._measure_missed = False  # the last step was to be measured and gave no reading
         self.estimator = NoiseScaleEstimator(beta)
 
         self._dp = DataParallel(process_group, debug=debug)
@@ -527,6 +529,7 @@ class ScaledOptimizer(Optimizer):
             "last_full_batch": self._last_full_batch,
             "last_full_k": self._last_full_k,
             "pending_examples": self._pending_examples,
+            "measure_missed": self._measure_missed,
             "coord": dict(getattr(self, "_coord", {})),  # the last measured step's per-coordinate readings
             "controller": None if self.controller is None else self.controller.state_dict(),
         }
@@ -548,6 +551,7 @@ class ScaledOptimizer(Optimizer):
             self.estimator.reset()
             self._layer_estimators = {}
             self._pending_examples = 0.0
+            self._measure_missed = False
             self._coord = {}
         self._reset_step_stats()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -589,6 +593,7 @@ class ScaledOptimizer(Optimizer):
         self._last_full_batch = ours.get("last_full_batch", self._last_full_batch)
         self._last_full_k = ours.get("last_full_k", self._last_full_k)
         self._pending_examples = ours.get("pending_examples", 0.0)
+        self._measure_missed = ours.get("measure_missed", False)
         self._coord = dict(ours.get("coord", {})) if self.per_coordinate else {}
         if ours.get("warned_one_microbatch", False):
             self._warned.add("one_microbatch")
@@ -1063,9 +1068,11 @@ class ScaledOptimizer(Optimizer):
         self._coord_out: tuple[int, torch.Tensor] | None = None
         if self._coord_sq and getattr(self, "_measuring", True):
             torch._foreach_zero_(list(self._coord_sq.values()))
-        # Whether the coming step is measured: the last of every measure_every, counted in steps taken, and any step
-        # before the first reading (both the same on every rank).
-        self._measuring = self.estimator.steps == 0 or (self.steps + 1) % self.measure_every == 0
+        # Whether the coming step is measured: the last of every measure_every, counted in steps taken, any step
+        # before the first reading, and the step after a measured one that gave none (all the same on every rank).
+        self._measuring = (
+            self.estimator.steps == 0 or self._measure_missed or (self.steps + 1) % self.measure_every == 0
+        )
 
     # ---- the step -------------------------------------------------------------------------------------------------
 
@@ -1091,7 +1098,10 @@ class ScaledOptimizer(Optimizer):
             # incomplete, so the step is left out (and the state starts afresh for the next one).
             self._warn_once("unfinished_backward")
             self._reset_step_stats()
+        readings_before = self.estimator.steps
         batch = self._update_estimates()
+        # A step meant to be measured that gave no reading (left out, or skipped by GradScaler): the next is measured.
+        self._measure_missed = self._measuring and self.estimator.steps == readings_before
         scale = self._lr_scale(batch)
         saved = self._apply_scaling(scale, batch)
         fused_amp = hasattr(self, "grad_scale")
@@ -1490,7 +1500,7 @@ class ScaledOptimizer(Optimizer):
             )
         reason = self.estimator.reading().reason
         n = self.measure_every
-        if reason is not None and n > 1 and self.estimator.steps == 1:
+        if n > 1 and reason == "standard errors need at least 2 steps":
             return f"standard errors need at least 2 measured steps (measure_every={n}: one step in {n})"
         return reason
 

@@ -181,8 +181,8 @@ def test_a_step_left_out_weighs_the_next_measurement(every):
         sizes.append(opt.stats["batch_size"])
     if every == 1:
         want = [sizes[0], sizes[1], sizes[2], sizes[3] + sizes[4], sizes[5]]
-    else:  # steps 0, 1, 3, 5 measured; 3 left out
-        want = [sizes[0], sizes[1], sizes[2] + sizes[3] + sizes[4] + sizes[5]]
+    else:  # steps 0, 1, 3, 5 due; 3 left out, so 4 measured in its place
+        want = [sizes[0], sizes[1], sizes[2] + sizes[3] + sizes[4], sizes[5]]
     assert weights == want
 
 
@@ -250,6 +250,25 @@ def test_a_rule_scales_the_lr_from_a_measurement_from_the_first_step():
     assert opt.estimator.steps == 1 and not opt._measuring
 
 
+def test_a_measured_step_left_out_hands_the_measurement_to_the_next():
+    # Every other step runs 2 microbatches and is clipped before step(): read too late, it is left out. With
+    # measure_every=2 the measured steps would all be those; the step after each is measured instead.
+    model = _model()
+    opt = _wrapped(model, measure_every=2)
+    for t in range(12):
+        k = 2 if t % 2 else K
+        for j in range(k):
+            x, y = _batch(t, j)
+            opt.microbatch_size = x.shape[0]
+            (torch.nn.functional.mse_loss(model(x), y) / k).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        opt.step()
+        opt.zero_grad()
+    # Step 0 measured; then 1, 3, 5, ... are due, left out, and 2, 4, 6, ... measured in their place.
+    assert opt.estimator.steps == 6
+    assert opt.reason is None
+
+
 def test_reason_speaks_of_measured_steps():
     model = _model()
     opt = _wrapped(model, measure_every=3)
@@ -259,6 +278,30 @@ def test_reason_speaks_of_measured_steps():
         reasons.append(opt.reason)
     assert reasons[:2] == ["standard errors need at least 2 measured steps (measure_every=3: one step in 3)"] * 2
     assert reasons[2:] == [None] * 4 and opt.stats["noise_scale_stderr"] > 0
+
+
+def test_reason_keeps_the_estimators_other_causes():
+    # Pure-noise targets at a zero model: |G|² is 0, so a single step's estimate is as often negative, and the
+    # reason then says so with measure_every as without it.
+    seen = set()
+    for seed in range(8):
+        reasons = []
+        for every in (1, 2):
+            torch.manual_seed(seed)
+            model = torch.nn.Linear(D, 1)
+            torch.nn.init.zeros_(model.weight)
+            torch.nn.init.zeros_(model.bias)
+            opt = bscale.wrap(torch.optim.SGD(model.parameters(), lr=0.0), microbatch_size=MICRO, measure_every=every)
+            for _ in range(K):
+                (torch.nn.functional.mse_loss(model(torch.randn(MICRO, D)), torch.randn(MICRO, 1)) / K).backward()
+            opt.step()
+            reasons.append(opt.reason)
+        seen.add(reasons[0])
+        if reasons[0] == "standard errors need at least 2 steps":
+            assert reasons[1] == "standard errors need at least 2 measured steps (measure_every=2: one step in 2)"
+        else:
+            assert reasons[1] == reasons[0]
+    assert len(seen) == 2  # both causes occurred
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "3", None])
