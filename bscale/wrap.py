@@ -401,7 +401,8 @@ class ScaledOptimizer(Optimizer):
 
         self.steps = 0
         self.examples = 0.0
-        self._stats: dict[str, float] | None = {}  # None: built from _stats_args when asked for
+        self._stats: dict[str, float] | None = None  # None: built from _stats_args when asked for
+        self._stats_args: tuple | None = None  # ... or, before the first step, from the state as it stands
         self._warned: set[str] = set()  # the keys of _WARNINGS already given (each once per wrapper)
         self._saw_backward = False  # any backward() reached the parameters since this wrapper was made ...
         self._own_steps = 0  # ... and the steps it has taken (`steps` also counts those of a loaded checkpoint)
@@ -1424,6 +1425,11 @@ class ScaledOptimizer(Optimizer):
 
     def _readings(self) -> dict[str, float]:
         """The latest step's readings (the dict itself, built at most once per step)."""
+        if self._stats_args is None:
+            # No step taken yet: every key, NaN where there is nothing to show (the batch is not known yet).
+            lr = self.param_groups[0]["lr"]
+            lr = float(lr) if not isinstance(lr, torch.Tensor) else float(lr.item())
+            return self._build_stats(math.nan, 1.0, lr, 0.0, self.examples, self.steps)
         if self._stats is None:
             self._stats = self._build_stats(*self._stats_args)
         return self._stats

@@ -754,3 +754,18 @@ def test_microbatch_size_is_checked_when_set():
         with pytest.raises(ValueError, match="Invalid microbatch_size"):
             opt.microbatch_size = bad
     assert opt.microbatch_size == 3.5
+
+
+def test_stats_has_every_key_before_the_first_step():
+    # The README's contract: a dict of floats, NaN where not available, also before any step (a logger or a
+    # progress bar may read it first) and while GradScaler skips the first steps.
+    model = torch.nn.Linear(3, 1)
+    opt = bscale.wrap(torch.optim.AdamW(model.parameters(), lr=1e-3), microbatch_size=4)
+    before = opt.stats
+    for _ in range(2):
+        model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    after = opt.stats
+    assert set(before) == set(after)
+    assert math.isnan(before["noise_scale"]) and math.isnan(before["batch_size"])
+    assert before["steps"] == 0.0 and before["examples"] == 0.0 and before["lr"] == 1e-3
