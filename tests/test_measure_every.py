@@ -39,11 +39,15 @@ def _batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, x[:, :1] * 0.5 + 0.3 * torch.randn(x.shape[0], 1, generator=gen)
 
 
-def _step(model: torch.nn.Module, opt: bscale.ScaledOptimizer, step: int) -> None:
-    for j in range(K):
+def _step(model: torch.nn.Module, opt: bscale.ScaledOptimizer, step: int, k: int = K, clip: bool = False) -> None:
+    """One step of `k` microbatches; `clip`: clip .grad in place before step() (a step short of the expected count
+    is then read too late, and left out)."""
+    for j in range(k):
         x, y = _batch(step, j)
         opt.microbatch_size = x.shape[0]
-        (torch.nn.functional.mse_loss(model(x), y) / K).backward()
+        (torch.nn.functional.mse_loss(model(x), y) / k).backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
     opt.step()
     opt.zero_grad()
 
@@ -170,14 +174,7 @@ def test_a_step_left_out_weighs_the_next_measurement(every):
     weights = _spy_weights(opt)
     sizes = []
     for t in range(6):
-        k = K - 1 if t == 3 else K
-        for j in range(k):
-            x, y = _batch(t, j)
-            opt.microbatch_size = x.shape[0]
-            (torch.nn.functional.mse_loss(model(x), y) / k).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
-        opt.step()
-        opt.zero_grad()
+        _step(model, opt, t, k=K - 1 if t == 3 else K, clip=True)
         sizes.append(opt.stats["batch_size"])
     if every == 1:
         want = [sizes[0], sizes[1], sizes[2], sizes[3] + sizes[4], sizes[5]]
@@ -256,14 +253,7 @@ def test_a_measured_step_left_out_hands_the_measurement_to_the_next():
     model = _model()
     opt = _wrapped(model, measure_every=2)
     for t in range(12):
-        k = 2 if t % 2 else K
-        for j in range(k):
-            x, y = _batch(t, j)
-            opt.microbatch_size = x.shape[0]
-            (torch.nn.functional.mse_loss(model(x), y) / k).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
-        opt.step()
-        opt.zero_grad()
+        _step(model, opt, t, k=2 if t % 2 else K, clip=True)
     # Step 0 measured; then 1, 3, 5, ... are due, left out, and 2, 4, 6, ... measured in their place.
     assert opt.estimator.steps == 6
     assert opt.reason is None
