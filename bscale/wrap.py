@@ -1248,7 +1248,8 @@ class ScaledOptimizer(Optimizer):
             self._warn_once("one_microbatch")
             self._pending_examples += examples
             return examples
-        # The examples since the last measurement (this step's, and those of steps left unmeasured before it).
+        # The examples since the last measurement: this step's, and those of the steps before it that were left
+        # unmeasured or left out.
         seen = examples + self._pending_examples
         self._pending_examples = 0.0
         if self.estimator.ref_batch is None:
@@ -1410,8 +1411,7 @@ class ScaledOptimizer(Optimizer):
         loop that reads them every N steps pays for the dict every N steps."""
         if self._step_microbatches > 0 and math.isfinite(batch):
             self.examples += batch  # a step with no backward since the last one saw no new examples
-        first_lr = self.param_groups[0]["lr"]
-        first_lr = float(first_lr) if not isinstance(first_lr, torch.Tensor) else float(first_lr.item())
+        first_lr = self._first_lr()
         # Default reference LR: the largest the user's schedule has reached (a scheduler's `initial_lr` counts), i.e.
         # the tuned peak, so the report follows neither a warmup up from zero nor a decay down to it.
         self._ref_lr_seen = max(self._ref_lr_seen, first_lr, float(self.param_groups[0].get("initial_lr", 0.0)))
@@ -1423,13 +1423,15 @@ class ScaledOptimizer(Optimizer):
         self._stats_args = (batch, scale, first_lr, microbatches, self.examples, self.steps)
         self._stats = None
 
+    def _first_lr(self) -> float:
+        lr = self.param_groups[0]["lr"]
+        return float(lr) if not isinstance(lr, torch.Tensor) else float(lr.item())
+
     def _readings(self) -> dict[str, float]:
         """The latest step's readings (the dict itself, built at most once per step)."""
         if self._stats_args is None:
             # No step taken yet: every key, NaN where there is nothing to show (the batch is not known yet).
-            lr = self.param_groups[0]["lr"]
-            lr = float(lr) if not isinstance(lr, torch.Tensor) else float(lr.item())
-            return self._build_stats(math.nan, 1.0, lr, 0.0, self.examples, self.steps)
+            return self._build_stats(math.nan, 1.0, self._first_lr(), 0.0, self.examples, self.steps)
         if self._stats is None:
             self._stats = self._build_stats(*self._stats_args)
         return self._stats
