@@ -277,10 +277,6 @@ class ScaledOptimizer(Optimizer):
         if isinstance(log_every, bool) or not (isinstance(log_every, int) and log_every > 0):
             raise ValueError(f"Invalid log_every: {log_every!r}; it must be a positive integer")
         _check_positive("bucket_mb", bucket_mb, unit="MiB")
-        if isinstance(measure_every, bool) or not (isinstance(measure_every, numbers.Integral) and measure_every > 0):
-            raise ValueError(
-                f"Invalid measure_every: {measure_every!r}; it must be a positive integer (1 measures every step)"
-            )
         if backend is not None and (not isinstance(backend, str) or backend.strip().lower() not in _BACKENDS):
             # Checked here: the kernels would raise it from a gradient hook, in the middle of a backward.
             raise ValueError(f"Invalid backend: {backend!r}; use None (choose from the device) or one of {_BACKENDS}")
@@ -354,7 +350,7 @@ class ScaledOptimizer(Optimizer):
         self.log_every = log_every
         self.backend = backend
         self._bucket_bytes = int(bucket_mb * 2**20)
-        self.measure_every = int(measure_every)
+        self.measure_every = measure_every
         # Examples of the steps taken since the last measurement (left unmeasured, or left out), by which the next
         # measurement's weight is set.
         self._pending_examples = 0.0
@@ -468,6 +464,27 @@ class ScaledOptimizer(Optimizer):
         # would surface as a ZeroDivisionError far from its cause.
         _check_positive("microbatch_size", value)
         self._microbatch_size = value
+
+    @property
+    def measure_every(self) -> int:
+        """Measure one step in this many (see the class docstring); may be changed between steps, e.g. every step
+        while the noise scale moves fast early on, then less often (under torch.distributed, on every rank alike). It
+        applies from the next step on."""
+        return self._measure_every
+
+    @measure_every.setter
+    def measure_every(self, value: int) -> None:
+        if isinstance(value, bool) or not (isinstance(value, numbers.Integral) and value > 0):
+            raise ValueError(f"Invalid measure_every: {value!r}; it must be a positive integer (1 measures every step)")
+        self._measure_every = int(value)
+        if hasattr(self, "_measuring") and not self._in_backward and not self._sizes:
+            # Between steps: the coming step follows the new cadence (mid-step, the step in progress keeps its own).
+            self._measuring = self._measure_due()
+
+    def _measure_due(self) -> bool:
+        """Whether the coming step is measured: the last of every measure_every, counted in steps taken, any step
+        before the first reading, and the step after a measured one that gave none (all the same on every rank)."""
+        return self.estimator.steps == 0 or self._measure_missed or (self.steps + 1) % self._measure_every == 0
 
     def _register_unfrozen(self) -> None:
         """After a step: parameters frozen when registered that now require grad are measured from the next step
@@ -1069,11 +1086,7 @@ class ScaledOptimizer(Optimizer):
         self._coord_out: tuple[int, torch.Tensor] | None = None
         if self._coord_sq and getattr(self, "_measuring", True):
             torch._foreach_zero_(list(self._coord_sq.values()))
-        # Whether the coming step is measured: the last of every measure_every, counted in steps taken, any step
-        # before the first reading, and the step after a measured one that gave none (all the same on every rank).
-        self._measuring = (
-            self.estimator.steps == 0 or self._measure_missed or (self.steps + 1) % self.measure_every == 0
-        )
+        self._measuring = self._measure_due()
 
     # ---- the step -------------------------------------------------------------------------------------------------
 

@@ -294,6 +294,21 @@ def test_reason_keeps_the_estimators_other_causes():
     assert len(seen) == 2  # both causes occurred
 
 
+def test_measure_every_can_change_between_steps():
+    model = _model()
+    opt = _wrapped(model)
+    for t in range(3):
+        _step(model, opt, t)
+    assert opt.estimator.steps == 3
+    opt.measure_every = 4  # from step 3 on: 3 and 7 measured (the last of every 4)
+    for t in range(3, 9):
+        _step(model, opt, t)
+    assert opt.estimator.steps == 5
+    with pytest.raises(ValueError, match="measure_every"):
+        opt.measure_every = 0
+    assert opt.measure_every == 4
+
+
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "3", None])
 def test_measure_every_must_be_a_positive_integer(bad):
     model = _model()
