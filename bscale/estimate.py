@@ -141,6 +141,10 @@ def microbatch_estimates(
     return two_batch_estimates(small, big, b, B)
 
 
+# The reason a reading gives while one step is in: no spread to take a standard error from yet.
+NEED_TWO_STEPS = "standard errors need at least 2 steps"
+
+
 @dataclass(frozen=True)
 class NoiseReading:
     """A snapshot of :class:`NoiseScaleEstimator`.
@@ -312,7 +316,7 @@ class NoiseScaleEstimator:
         se_t = math.sqrt(var_t) if math.isfinite(var_t) else None
         reason = None
         if self.steps < 2:
-            reason = "standard errors need at least 2 steps"
+            reason = NEED_TWO_STEPS
         elif se_g is None or se_t is None:
             # beta = 0 keeps one step only (no spread to measure); an overflowed second moment has none either.
             reason = "standard errors are unavailable: beta = 0 keeps one step, or the squares overflowed"

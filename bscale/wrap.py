@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from . import laws
 from .coord_stats import noise_only_small_batch_fraction, unbiased_coordinate_sums
 from .distributed import DataParallel
-from .estimate import NoiseScaleEstimator
+from .estimate import NEED_TWO_STEPS, NoiseScaleEstimator
 from .kernels import resolve_backend
 from .kernels.coord import SLOTS, coordinate_stats_and_sq_norms_cpu, coordinate_stats_trusted, scratch_bytes
 from .kernels.sqnorm import accumulate_sq_norms_trusted, dense_values
@@ -548,6 +548,8 @@ class ScaledOptimizer(Optimizer):
             "last_full_k": self._last_full_k,
             "pending_examples": self._pending_examples,
             "measure_missed": self._measure_missed,
+            "measure_every": self.measure_every,
+            "expected_k": self._expected_k,
             "coord": dict(getattr(self, "_coord", {})),  # the last measured step's per-coordinate readings
             "controller": None if self.controller is None else self.controller.state_dict(),
         }
@@ -612,6 +614,9 @@ class ScaledOptimizer(Optimizer):
         self._last_full_k = ours.get("last_full_k", self._last_full_k)
         self._pending_examples = ours.get("pending_examples", 0.0)
         self._measure_missed = ours.get("measure_missed", False)
+        self.measure_every = ours.get("measure_every", self.measure_every)
+        # The count the next step is expected to reach: a resumed run reads .grad when the uninterrupted one would.
+        self._expected_k = ours.get("expected_k", self._last_full_k or None)
         self._coord = dict(ours.get("coord", {})) if self.per_coordinate else {}
         if ours.get("warned_one_microbatch", False):
             self._warned.add("one_microbatch")
@@ -1521,7 +1526,7 @@ class ScaledOptimizer(Optimizer):
             )
         reason = self.estimator.reading().reason
         n = self.measure_every
-        if n > 1 and reason == "standard errors need at least 2 steps":
+        if n > 1 and reason == NEED_TWO_STEPS:
             return f"standard errors need at least 2 measured steps (measure_every={n}: one step in {n})"
         return reason
 
