@@ -20,7 +20,13 @@ from .coord_stats import noise_only_small_batch_fraction, unbiased_coordinate_su
 from .distributed import DataParallel
 from .estimate import NEED_TWO_STEPS, NoiseScaleEstimator
 from .kernels import resolve_backend
-from .kernels.coord import SLOTS, coordinate_stats_and_sq_norms_cpu, coordinate_stats_trusted, scratch_bytes
+from .kernels.coord import (
+    DEFAULT_SNR_EDGES,
+    SLOTS,
+    coordinate_stats_and_sq_norms_cpu,
+    coordinate_stats_trusted,
+    scratch_bytes,
+)
 from .kernels.sqnorm import accumulate_sq_norms_trusted, dense_values
 
 if TYPE_CHECKING:
@@ -1307,6 +1313,15 @@ class ScaledOptimizer(Optimizer):
     # ---- per-coordinate statistics (opt-in) -----------------------------------------------------------------------
 
     _COORD_KEYS = SLOTS  # the kernels' output vector: these sums, then the SNR histogram
+    # The per-coordinate readings in `stats` (`_record_coordinate_stats`), the histogram's bins with the default edges.
+    _COORD_READINGS = (
+        "coord/sum_mu_sq",
+        "coord/sum_sigma_sq",
+        "coord/sum_mu_sq_over_sigma",
+        "coord/frac_small_batch",
+        "coord/frac_small_batch_noise_only",
+        *(f"coord/snr_hist/{i}" for i in range(len(DEFAULT_SNR_EDGES) + 1)),
+    )
 
     def _coordinate_stats(
         self, k_local: int, local_grads: list[torch.Tensor | None], with_norms: bool = False
@@ -1498,6 +1513,19 @@ class ScaledOptimizer(Optimizer):
             stats[f"{key}/noise_scale"] = math.nan if rr.noise_scale is None else rr.noise_scale
             stats[f"{key}/noise_scale_stderr"] = math.nan if rr.noise_scale_stderr is None else rr.noise_scale_stderr
         stats.update(getattr(self, "_coord", {}))
+        # Every key the configuration has, NaN until it has a value (a module no gradient has reached yet, the
+        # per-coordinate readings before their first step), so that loggers and readers see one set of keys.
+        nan_keys: list[str] = []
+        if self._param_names is not None:
+            nan_keys += [f"layer/{name}/{s}" for name in self._layers for s in ("noise_scale", "noise_scale_stderr")]
+        if self.per_coordinate:
+            nan_keys += [
+                *self._COORD_READINGS,
+                "adam_preconditioned/noise_scale",
+                "adam_preconditioned/noise_scale_stderr",
+            ]
+        for key in nan_keys:
+            stats.setdefault(key, math.nan)
         return stats
 
     @property

@@ -756,16 +756,22 @@ def test_microbatch_size_is_checked_when_set():
     assert opt.microbatch_size == 3.5
 
 
-def test_stats_has_every_key_before_the_first_step():
+@pytest.mark.parametrize("kw", [{}, {"per_coordinate": True}, {"named": True}])
+def test_stats_has_every_key_before_the_first_step(kw):
     # The README's contract: a dict of floats, NaN where not available, also before any step (a logger or a
-    # progress bar may read it first) and while GradScaler skips the first steps.
-    model = torch.nn.Linear(3, 1)
-    opt = bscale.wrap(torch.optim.AdamW(model.parameters(), lr=1e-3), microbatch_size=4)
+    # progress bar may read it first) and while GradScaler skips the first steps; per-module and per-coordinate
+    # keys included.
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    if kw.pop("named", False):
+        kw["named_parameters"] = model.named_parameters()
+    opt = bscale.wrap(torch.optim.AdamW(model.parameters(), lr=1e-3), microbatch_size=4, **kw)
     before = opt.stats
-    for _ in range(2):
-        model(torch.randn(4, 3)).sum().backward()
-    opt.step()
+    for _ in range(2):  # two steps: Adam's v is there for the preconditioned readings at the second
+        for _ in range(2):
+            model(torch.randn(4, 3)).sum().backward()
+        opt.step()
     after = opt.stats
     assert set(before) == set(after)
+    assert all(math.isnan(v) for k, v in before.items() if k.startswith(("layer/", "coord/", "adam_")))
     assert math.isnan(before["noise_scale"]) and math.isnan(before["batch_size"])
     assert before["steps"] == 0.0 and before["examples"] == 0.0 and before["lr"] == 1e-3
