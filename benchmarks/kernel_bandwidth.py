@@ -72,6 +72,40 @@ def measure(cases: dict[str, Callable[[], object]], device: torch.device, repeat
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+@torch.no_grad()
+def plain_coordinate_stats(
+    sums: list[torch.Tensor], coord: list[torch.Tensor], k: int, b: float, v: list[torch.Tensor], edges: torch.Tensor
+) -> torch.Tensor:
+    """The statistics of `coordinate_stats` as a user would write them in eager torch: float32, one op per
+    term on each whole tensor, the histogram by `bucketize`, and `coord` zeroed after. The *eager* baseline."""
+    big_b, terms, hist = k * b, [], torch.zeros(edges.numel() + 1, device=edges.device)
+    for s, c, a in zip(sums, coord, v, strict=True):
+        mu = s / k
+        m2 = c / k
+        sigma_sq = (m2 - mu * mu).clamp_min_(0.0).mul_(b * k / (k - 1))
+        sigma = sigma_sq.sqrt()
+        p_sq = (a.sqrt() + 1e-8).reciprocal_().square_()
+        mu_sq = mu * mu
+        snr = torch.where(sigma > 0, mu.abs() / sigma, torch.inf)
+        inside = (mu == 0) | (big_b * 2.0 * mu_sq < torch.pi * sigma_sq)
+        terms.append(
+            torch.stack(
+                [
+                    mu_sq.sum(),
+                    sigma_sq.sum(),
+                    torch.where(sigma > 0, mu_sq / sigma, 0.0).sum(),
+                    sigma.sum(),
+                    inside.sum(dtype=torch.float32),
+                    (p_sq * m2).sum(),
+                    (p_sq * mu_sq).sum(),
+                ]
+            )
+        )
+        hist += torch.bincount(torch.bucketize(snr.view(-1), edges, right=True), minlength=hist.numel())
+        c.zero_()
+    return torch.cat([torch.stack(terms).sum(0), hist])
+
+
 def bench_workload(shapes: list[tuple[int, ...]], device: torch.device, repeats: int) -> list[dict]:
     """Time every path on one set of float32 parameter shapes; return table rows."""
     n = sum(torch.Size(s).numel() for s in shapes)
@@ -82,6 +116,7 @@ def bench_workload(shapes: list[tuple[int, ...]], device: torch.device, repeats:
     out = torch.zeros(len(shapes), device=device)
     slots = torch.arange(len(shapes), device=device)
     src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    edges = torch.logspace(-3, 1, 17, device=device)
     backends = ["torch"] + (["triton"] if device.type == "cuda" and triton_available() else [])
 
     ops: dict[str, tuple[int, Callable[[], object], dict[str, Callable[[], object]]]] = {
@@ -104,8 +139,11 @@ def bench_workload(shapes: list[tuple[int, ...]], device: torch.device, repeats:
             16,
             lambda: torch._foreach_addcmul_(coord, sums, v),
             {
-                b: (lambda b=b: K.coordinate_stats(sums, coord, 8, 4.0, exp_avg_sq=v, reset=True, backend=b))
-                for b in backends
+                "eager": lambda: plain_coordinate_stats(sums, coord, 8, 4.0, v, edges),
+                **{
+                    b: (lambda b=b: K.coordinate_stats(sums, coord, 8, 4.0, exp_avg_sq=v, reset=True, backend=b))
+                    for b in backends
+                },
             },
         ),
     }

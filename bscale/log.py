@@ -85,7 +85,8 @@ def _check_step(step: object) -> int:
 
 
 def _as_floats(stats: Mapping[str, Any]) -> dict[str, float]:
-    """Every value of ``stats`` as a Python float (NaN and inf kept), in the mapping's order."""
+    """Every value of ``stats`` as a Python float (NaN and inf kept, ``None`` read as NaN: no value yet, as
+    ``opt.noise_scale`` before its first estimate), in the mapping's order."""
     if not isinstance(stats, Mapping):
         raise ValueError(f"stats must be a mapping of names to numbers (such as opt.stats), got {type(stats)}")
     out: dict[str, float] = {}
@@ -94,7 +95,7 @@ def _as_floats(stats: Mapping[str, Any]) -> dict[str, float]:
             raise ValueError(f"stats keys must be strings, got {key!r}")
         try:
             # float() also reads one-element tensors; logging is off the hot path, so the sync is acceptable.
-            out[key] = float(value)
+            out[key] = math.nan if value is None else float(value)
         except (TypeError, ValueError):
             raise ValueError(f"stats[{key!r}] must be a number, got {value!r}") from None
     return out
@@ -130,7 +131,7 @@ def _unit_and_decimals(value: float) -> tuple[int, int]:
     return power, max(2 - scaled_exponent, 0)
 
 
-def format_noise_scale(value: float, stderr: float | None = None) -> str:
+def format_noise_scale(value: float | None, stderr: float | None = None) -> str:
     """Format a noise scale and its standard error for a progress bar or a log line.
 
     Three significant digits with an SI suffix (k, M, G, T); the standard error is written in the same unit
@@ -142,9 +143,12 @@ def format_noise_scale(value: float, stderr: float | None = None) -> str:
         format_noise_scale(float("nan"))  -> "n/a"
 
     Args:
-        value (float): the estimate (e.g. ``stats["noise_scale"]``); NaN gives ``"n/a"``.
+        value (float, optional): the estimate (e.g. ``stats["noise_scale"]`` or ``opt.noise_scale``); NaN and
+            ``None`` (no estimate yet) give ``"n/a"``.
         stderr (float, optional): its standard error; left out when ``None`` or NaN (default: None).
     """
+    if value is None:
+        return "n/a"
     value = float(value)
     if math.isnan(value):
         return "n/a"
@@ -236,8 +240,9 @@ class JSONLLogger(Logger):
 
 
 def _drop_cut_last_line(path: Path) -> None:
-    """Truncate a log whose last line has no newline (the process died while writing it) after its last whole
-    line, so that lines appended next start on a line of their own."""
+    """Repair a log whose last line has no newline (the process died while writing it), so that lines appended
+    next start on a line of their own: a whole record only lacks its newline and gets it; a record cut short is
+    removed, back to the last whole line."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a pipe, a terminal, /dev/stdout: nothing to repair
             return
@@ -248,21 +253,32 @@ def _drop_cut_last_line(path: Path) -> None:
             f.seek(size - 1)
             if f.read(1) == b"\n":
                 return
-            # Walk back to the last newline in blocks (the cut line is shorter than a block or two).
-            end = size
+            # Walk back to the last newline in blocks (a record is shorter than a block or two).
+            end, keep, tail = size, 0, b""
             while end > 0:
                 start = max(0, end - 65536)
                 f.seek(start)
-                cut = f.read(end - start).rfind(b"\n")
+                block = f.read(end - start)
+                cut = block.rfind(b"\n")
                 if cut >= 0:
-                    f.truncate(start + cut + 1)
+                    keep, tail = start + cut + 1, block[cut + 1 :] + tail
                     break
-                end = start
-            else:
-                f.truncate(0)
+                tail, end = block + tail, start
+            if _is_record(tail):
+                f.seek(size)
+                f.write(b"\n")
+                return
+            f.truncate(keep)
     except FileNotFoundError:
         return
     warnings.warn(f"{path}: removed a last line cut short by a crash before appending", RuntimeWarning, stacklevel=3)
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        return False
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, float]]:

@@ -105,7 +105,9 @@ def _build_figure(records: list[Mapping[str, Any]], title: str | None) -> Figure
     else:
         ax.text(0.5, 0.5, "no B_noise estimate yet", transform=ax.transAxes, ha="center", va="center")
     if ok_batch.any():
-        ax.step(x[ok_batch], batch[ok_batch], where="post", color="C3", label="batch size")
+        # A record holds the examples seen after its step and the batch that step used: the batch spans the
+        # examples up to its own x, so it is drawn back to the previous record.
+        ax.step(x[ok_batch], batch[ok_batch], where="pre", color="C3", label="batch size")
     if ok_precond.any():  # per-coordinate mode with Adam
         ax.plot(x[ok_precond], precond[ok_precond], color="C4", linestyle="--", label="B_noise, Adam-preconditioned")
     if positive.size:

@@ -69,7 +69,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         >>> loader = DataLoader(dataset, batch_sampler=sampler)
         >>> for epoch in range(epochs):
         ...     sampler.set_epoch(epoch)
-        ...     for batch in loader:
+        ...     for x, y in loader:
+        ...         opt.microbatch_size = len(x)  # the wrapper counts the examples of each backward
         ...         ...  # forward, backward, opt.step() feeds the controller
         ...         sampler.set_batch_size(ctl.batch_size // world_size)
 
@@ -174,7 +175,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         return -(-remaining // self.batch_size)
 
     def state_dict(self) -> dict[str, Any]:
-        """Epoch, position within it and batch size; the position counts examples over all ranks."""
+        """Epoch, position within it and batch size (the position counts examples over all ranks), and the
+        settings a resumed sampler must share: seed, shuffle, length and drop_last."""
         return {
             "epoch": self.epoch,
             "consumed": self._position * self.num_replicas,
@@ -182,6 +184,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             "seed": self.seed,
             "shuffle": self.shuffle,
             "length": self._len,
+            "drop_last": self.drop_last,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -190,12 +193,15 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         The number of ranks may change between save and load when the examples consumed divide evenly among
         the new ranks.
         """
-        for key, have in (("seed", self.seed), ("shuffle", self.shuffle), ("length", self._len)):
-            if state_dict[key] != have:
+        # A state saved before drop_last was recorded holds no value for it: nothing to compare.
+        saved = {"drop_last": self.drop_last, **state_dict}
+        checked = [("seed", self.seed), ("shuffle", self.shuffle), ("length", self._len), ("drop_last", self.drop_last)]
+        for key, have in checked:
+            if saved[key] != have:
                 raise ValueError(
-                    f"the state was saved with {key}={state_dict[key]!r} but this sampler has "
+                    f"the state was saved with {key}={saved[key]!r} but this sampler has "
                     f"{key}={have!r}; "
-                    f"construct it with {key}={state_dict[key]!r}"
+                    f"construct it with {key}={saved[key]!r}"
                 )
         consumed = _non_negative_int("consumed", state_dict["consumed"])
         if consumed % self.num_replicas:

@@ -144,7 +144,7 @@ class ExampleSchedule(LRScheduler):
         value = float(examples_seen)
         if not (0 <= value < math.inf):
             raise ValueError(f"examples_seen must be a non-negative, finite count, got {examples_seen!r}")
-        return examples_seen
+        return value
 
     @property
     def finished(self) -> bool:

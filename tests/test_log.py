@@ -200,6 +200,13 @@ def test_read_jsonl_round_trip_and_truncated_tail(tmp_path):
     with pytest.warns(RuntimeWarning, match="removed a last line"), JSONLLogger(path) as logger:
         logger.log({"noise_scale": 1.0}, 1)
     assert read_jsonl(path) == [{"step": 1, "noise_scale": 1.0}]
+    # A crash between a whole record and its newline: the record is kept, only the newline is added.
+    path.write_text('{"step": 1, "noise_scale": 1.0}\n{"step": 2, "noise_scale": 2.0}')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with JSONLLogger(path) as logger:
+            logger.log({"noise_scale": 3.0}, 3)
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
@@ -463,6 +470,7 @@ def test_lightning_is_plain_without_lightning(monkeypatch):
         (0.0, 1.0, "0.00 ± 1.00"),
         (-1234.0, None, "-1.23k"),
         (NAN, 3.0, "n/a"),
+        (None, None, "n/a"),  # opt.noise_scale before its first estimate
         (math.inf, None, "inf"),
         (100.0, math.inf, "100 ± inf"),
         (5123.0, 4.0, "5.12k ± 0.004k"),  # an error below the last digit: one digit of it, never "± 0.00k"
@@ -593,6 +601,28 @@ def test_plot_panels_and_data():
     # The band never reaches zero (cannot be drawn on a log axis) even where stderr exceeds the value.
     band_y = top.collections[0].get_paths()[0].vertices[:, 1]
     assert band_y.min() > 0
+
+
+def test_plot_draws_each_batch_over_the_examples_of_its_step():
+    # A record holds the examples seen after its step and the batch that step used.
+    records, seen = [], 0
+    for step, batch in enumerate([16, 16, 16, 32, 32], start=1):
+        seen += batch
+        records.append({"step": step, "examples": seen, "batch_size": batch, "noise_scale": 100.0})
+    batch_line = _build_figure(records, None).axes[0].get_lines()[1]
+    path = batch_line.get_path()  # the drawn staircase, in data coordinates
+    xs, ys = path.vertices[:, 0], path.vertices[:, 1]
+    # Step 4 took examples 49..80 at batch 32: the staircase is at 32 from x = 48 on.
+    assert ys[(xs > 48) & (xs <= 80)].min() == 32
+    assert ys[xs < 48].max() == 16
+
+
+def test_loggers_read_none_as_no_value(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with JSONLLogger(path) as logger:
+        logger.log({"noise_scale": None, "loss": 1.5}, 1)
+    (record,) = read_jsonl(path)
+    assert math.isnan(record["noise_scale"]) and record["loss"] == 1.5
 
 
 def test_plot_per_coordinate_columns():

@@ -84,6 +84,15 @@ def test_reads_a_callable_clock():
     assert sched.get_last_lr() == [pytest.approx(0.7)]
 
 
+def test_a_tensor_count_gives_float_learning_rates():
+    opt = make_opt()
+    sched = ExampleSchedule(opt, lambda x: x / 10, examples_seen=torch.tensor(5))
+    opt.step()
+    sched.step(torch.tensor(8))
+    assert type(opt.param_groups[0]["lr"]) is float and sched.get_last_lr() == [pytest.approx(0.8)]
+    assert type(sched.examples_seen) is float
+
+
 def test_tensor_learning_rate():
     p = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.Adam([p], lr=torch.tensor(0.01))
