@@ -95,7 +95,7 @@ def test_matches_float64_reference(backend, dtype, precond, seed):
     shapes = [(1,), (7,), (4097,), (33, 65)]
     gs = _microbatches(shapes, k)
     gs[2][:, :5] = 0.25  # σ̂ = 0 exactly (constant across microbatches): overflow bin, outside the regime
-    gs[2][:, 5:8] = 0.0  # μ̂ = σ̂ = 0: overflow bin, inside the regime
+    gs[2][:, 5:8] = 0.0  # μ̂ = σ̂ = 0 (no gradient): first bin, inside the regime
     # Sums in the gradient dtype (as `.grad` holds them); the transposed one is dense but non-contiguous.
     sums = [g.sum(0).to(dtype) for g in gs]
     sums[3] = gs[3].sum(0).t().contiguous().t().to(dtype)
@@ -195,7 +195,8 @@ def test_synthetic_gaussian_coordinates(backend, seed):
     cdf = torch.cat([torch.zeros(len(lam), 1), cdf, torch.ones(len(lam), 1)], dim=1).double()
     p_bin = cdf.diff(dim=1).clamp_min(0)
     expected = per_group * p_bin.sum(0)
-    expected[-1] += 800  # σ̂ = 0 coordinates go to the overflow bin
+    expected[-1] += 500  # σ̂ = 0 < |μ̂|: the overflow bin
+    expected[0] += 300  # no gradient (μ̂ = σ̂ = 0): the first bin, no signal
     var = per_group * (p_bin * (1 - p_bin)).sum(0)
     got = stats["snr_hist"].double()
     bad = (got - expected).abs() > 5 * var.sqrt() + 1

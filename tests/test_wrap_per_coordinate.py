@@ -66,6 +66,25 @@ def test_per_coordinate_sums_match_the_closed_form():
     assert math.isfinite(rows[-1]["adam_preconditioned/noise_scale"])
 
 
+@pytest.mark.parametrize(("last", "reported"), [(B_MICRO, True), (30, True), (24, True), (20, False), (4, False)])
+def test_ratio_sum_and_noise_only_level_need_near_equal_microbatches(last, reported):
+    # Their corrections hold for σ̂² ∝ χ²(k − 1) independent of μ̂ (equal sizes). The arithmetic over the harmonic
+    # mean of the sizes: 30 or 24 among 32s, 1.0008 and 1.009 at k = 8, still read; 20 (1.025) and 4 give NaN.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(D, 1, bias=False)
+    opt = bscale.wrap(torch.optim.Adam(model.parameters(), lr=0.0), microbatch_size=B_MICRO, per_coordinate=True)
+    for size in [B_MICRO] * (K - 1) + [last]:
+        opt.microbatch_size = size
+        x = torch.randn(size, D)
+        (0.5 * (model(x).squeeze(-1) - x.sum(1)).pow(2).mean() / K).backward()
+    opt.step()
+    stats = opt.stats
+    for key in ("coord/sum_mu_sq_over_sigma", "coord/frac_small_batch_noise_only"):
+        assert math.isfinite(stats[key]) == reported, key
+    for key in ("coord/sum_mu_sq", "coord/sum_sigma_sq", "coord/frac_small_batch"):
+        assert math.isfinite(stats[key]), key  # unbiased for any sizes (the harmonic mean)
+
+
 def test_per_coordinate_values_do_not_depend_on_the_loss_convention():
     mean_rows, _ = _run("mean")
     sum_rows, _ = _run("sum")

@@ -181,12 +181,14 @@ def coordinate_stats(
     `precond_big` are |P g|² averaged over microbatches and |P ḡ|², the two batch sizes of McCandlish App. A.1
     for the preconditioned gradient. `snr_hist` counts
     |μ̂|/σ̂ in `len(snr_edges) + 1` bins: bin 0 below the first edge, bin i in [edge[i-1], edge[i]), the last
-    bin at or above the last edge together with every coordinate where σ̂ = 0.
+    bin at or above the last edge together with every coordinate where σ̂ = 0 < |μ̂|. A coordinate with no
+    gradient in the step (μ̂ = σ̂ = 0: a frozen slice, an embedding row no token used) has no signal: it counts
+    in bin 0 and inside the regime, like μ̂ = 0.
 
     Precision: float32 throughout, with float64 only to add up per-slice sums. σ̂² comes from m2 − μ̂², so a
     coordinate with |μ̂|/σ̂ beyond ~10³ has a variance at the level of float32 rounding (clamped at 0); an
     SNR within float32 rounding of an edge may land one bin over. Counts above 2^24 round to float32. A NaN
-    input makes the sums NaN and counts in the last bin.
+    input makes the sums NaN and counts in the first bin (the last on some paths where only `coord_sq` is NaN).
 
     Args:
         grad_sums (sequence of Tensor): S = Σ_j g_j per parameter (the accumulated `.grad` in sum units)
@@ -500,7 +502,7 @@ def _moments(
     torch.rsqrt(d, out=rows.x).nan_to_num_(nan=math.nan, posinf=0.0)
     torch.mul(rows.x, d, out=rows.r)
     rows.x.mul_(rows.m)
-    # T: NaN where μ̂ = σ̂ = 0 (0/0), inf where σ̂ = 0 < |μ̂|.
+    # T: NaN where μ̂ = σ̂ = 0 (0/0: no gradient in the step), inf where σ̂ = 0 < |μ̂|.
     torch.div(rows.m, d, out=rows.t)
     # Outside the regime: T >= cut. NaN compares False, so μ̂ = 0 counts as inside.
     torch.ge(rows.t, consts.cut, out=rows.p)
@@ -513,11 +515,12 @@ def _bin_index(
     """The bin of each element of the slice, from T in `rows.t` (which it overwrites)."""
     t = rows.t
     if bins is None:
-        snr = t.nan_to_num_(nan=math.inf).mul_(alpha).sqrt_()  # σ̂ = 0 goes to the overflow bin
+        # μ̂ = σ̂ = 0 (0/0, no gradient) goes to the first bin, σ̂ = 0 < |μ̂| (inf) to the overflow bin.
+        snr = t.nan_to_num_(nan=0.0).mul_(alpha).sqrt_()
         return torch.bucketize(snr, edges, right=True)
     scale, _, low, high = bins
-    # σ̂ = 0 (NaN, inf) joins the overflow bin; T = 0 (μ̂ = 0) the first bin.
-    t.nan_to_num_(nan=high, posinf=high).clamp_(low, high)
+    # σ̂ = 0 < |μ̂| (inf) joins the overflow bin; T = 0 (μ̂ = 0) and μ̂ = σ̂ = 0 (NaN: no gradient) the first bin.
+    t.nan_to_num_(nan=low, posinf=high).clamp_(low, high)
     torch.add(consts.offset, t.log2_(), alpha=scale, out=t)  # y = c + a log2 T, in (-1, nbins)
     return rows.index.copy_(t)  # truncation toward 0: the clamped floor of y
 

@@ -50,7 +50,8 @@ def _coord_block(
     bins = tl.zeros_like(offs).to(tl.int32)
     for j in tl.static_range(NUM_EDGES):
         bins += (snr >= tl.load(edges_ptr + j)).to(tl.int32)
-    bins = tl.where(pos, bins, NUM_EDGES)  # σ̂ = 0: SNR undefined or infinite, overflow bin
+    # σ̂ = 0: an infinite SNR (overflow bin), or none where μ̂ = 0 too (no gradient) or NaN (first bin).
+    bins = tl.where(pos, bins, tl.where((mu == 0.0) | (mu != mu), 0, NUM_EDGES))
     acc_hist += tl.histogram(bins, NUM_BINS_P2, mask=mask)
     # Surge thm. 3 regime B < π σ̂² / (2 μ̂²), written without a division; μ̂ = 0 is inside.
     acc_inside += tl.where(mask & ((mu == 0.0) | (two_big_b * mu2 < 3.141592653589793 * sig2)), 1.0, 0.0)

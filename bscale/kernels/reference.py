@@ -37,7 +37,9 @@ def coordinate_stats_reference(
     sigma = sigma_sq.sqrt()
     pos = sigma > 0
     safe = torch.where(pos, sigma, torch.ones_like(sigma))
-    snr = torch.where(pos, mu.abs() / safe, torch.full_like(mu, math.inf))
+    # σ̂ = 0: an infinite SNR, or 0 where μ̂ = 0 too (no gradient in the step) or NaN.
+    none = (mu == 0) | mu.isnan()
+    snr = torch.where(pos, mu.abs() / safe, torch.where(none, torch.zeros_like(mu), torch.full_like(mu, math.inf)))
     edges = torch.as_tensor(DEFAULT_SNR_EDGES if snr_edges is None else snr_edges, dtype=torch.float64).cpu()
     # Bin i holds edges[i-1] <= snr < edges[i]: the number of edges at or below snr.
     bins = (snr[:, None] >= edges[None, :]).sum(dim=1)
