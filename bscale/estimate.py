@@ -336,6 +336,19 @@ class NoiseScaleEstimator:
                 "(B_noise is far above the batch size); keep training or raise beta",
             )
         R = trace / G
+        if math.isinf(R):
+            # |G|² so small next to tr(Σ) that the ratio overflows: no finite noise scale for the laws to use.
+            return NoiseReading(
+                None,
+                None,
+                G,
+                se_g,
+                trace,
+                se_t,
+                self.steps,
+                self.examples,
+                "tr(Σ)/|G|² overflows: the |G|² estimate is too small next to tr(Σ) to divide by",
+            )
         se_r = None
         if se_g is not None and se_t is not None:
             # Divided by G twice, not by G²: a tiny G (an estimator fed only zeros for a long time) would underflow G².

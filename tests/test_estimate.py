@@ -410,6 +410,15 @@ def test_reading_with_a_non_positive_grad_sq_is_none_and_raw_keeps_it():
     assert "None" in repr(est)
 
 
+def test_a_ratio_that_overflows_gives_no_noise_scale():
+    est = NoiseScaleEstimator(0.9)
+    for _ in range(2):
+        est.add(1e-300, 1e10, 8)
+    r = est.reading()
+    assert r.noise_scale is None and r.noise_scale_stderr is None and "overflows" in r.reason
+    assert r.grad_sq == pytest.approx(1e-300) and r.trace_sigma == pytest.approx(1e10)
+
+
 def test_reading_stays_finite_when_the_averages_decay_to_tiny_values():
     # Steps of zero gradient shrink both averages by beta each, their ratio fixed; after ~37,000 of them at 0.99
     # |G|² is ~1e-162, and its square underflows to 0 (the standard error once divided by it).
