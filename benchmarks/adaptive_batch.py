@@ -905,8 +905,8 @@ def _report(path: Path, png: Path, summaries, args, seeds, wall: float) -> list[
         "min_batch=B_0, max_batch=largest fixed batch, multiple_of=micro))`; each step accumulates "
         "`opt.accumulation_steps()` microbatches, and the wrapper sets the lr inside the step relative to "
         "B_0 by its `rule`: `noise`, the noise-aware Adam law lr_0·√(B/B_0)·(B_noise + B_0)/(B_noise + B) "
-        "(Surge eq. 2; MATH.md sec. 4) with the live B_noise, or `sqrt`, the square-root rule lr_0·√(B/B_0) "
-        "(Malladi; MATH.md sec. 5), with β and eps left as they are in both. The B_noise is the live "
+        "(Surge eq. 2) with the live B_noise, or `sqrt`, the square-root rule lr_0·√(B/B_0) "
+        "(Malladi), with β and eps left as they are in both. The B_noise is the live "
         "B_simple = tr(Σ)/|G|² (McCandlish eq. 2.9) in the task's unit, shown as read (value ± standard "
         "error); it drives the controller under both rules.",
         f"- Controller settings: **chosen** = {_describe(summaries[0]['adaptive'][0]['pol'], False)}; "

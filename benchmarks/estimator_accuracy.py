@@ -91,7 +91,7 @@ def draw_norms(p: Problem, k: int, b: int, shape: tuple[int, ...], rng: np.rando
 
 
 def check_draws(p: Problem, rng: np.random.Generator) -> None:
-    """The fast draw must have the means E|G_b|² = |G|² + tr(Σ)/b (McCandlish; MATH.md sec. 1)."""
+    """The fast draw must have the means E|G_b|² = |G|² + tr(Σ)/b (McCandlish App. A.1)."""
     for k, b in ((2, 4), (8, 64)):
         small, big = draw_norms(p, k, b, (200_000,), rng)
         for x, batch in ((small, b), (big, k * b)):

@@ -89,7 +89,7 @@ def microbatch_batch_sizes(sizes: Sequence[float]) -> tuple[float, float]:
 
     With k microbatches of ``b_j`` examples averaged with equal weight,
     ``E mean_j|g_j|² = |G|² + tr(Σ)·mean_j(1/b_j)`` and ``E|ḡ|² = |G|² + tr(Σ)·mean_j(1/b_j)/k``, so the two-batch
-    formula applies with ``b`` the harmonic mean of the ``b_j`` and ``B = k·b`` (MATH.md sec. 2).
+    formula applies with ``b`` the harmonic mean of the ``b_j`` and ``B = k·b``.
 
     Args:
         sizes: examples in each microbatch (at least 2 microbatches).

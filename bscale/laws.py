@@ -1,11 +1,14 @@
 """Learning-rate and batch-size laws: optimal LR against batch, scaling rules, critical batch.
 
-Plain functions of floats and numpy arrays; no torch. Formulas and sources are collected in the project's
-MATH.md, sections 4 to 6.
+Plain functions of floats and numpy arrays; no torch. Each docstring gives its formula and the equation of the
+source it comes from: McCandlish et al. 2018 ("An Empirical Model of Large-Batch Training"), Li et al. 2024
+("Surge Phenomenon in Optimal Learning Rate and Batch Size Scaling"), Malladi et al. 2022 ("On the SDEs and
+Scaling Rules for Adaptive Gradient Algorithms"), Li et al. 2021 ("On the Validity of Modeling SGD with
+Stochastic Differential Equations").
 
 Units: every batch size is a positive real number counted in the user's unit of "example" (samples, or
 tokens for a language model). No law here needs a whole number: a step assembled from unequal microbatches
-has a harmonic-mean batch (MATH.md sec. 2) that is not one, so batch sizes are accepted as any finite
+has a harmonic-mean batch (see :class:`bscale.NoiseScaleEstimator`) that is not one, so batch sizes are accepted as any finite
 positive real.
 Functions documented as vectorised take scalars or array-likes (broadcast together); scalars give a ``float``,
 arrays a ``numpy.ndarray``.
@@ -150,7 +153,7 @@ def optimal_lr(batch_size: Any, noise_scale: Any, lr_max: Any, optimizer: str = 
 
     SGD's optimum rises monotonically to ``lr_max``; Adam's rises as √B, peaks at ``lr_max`` when
     B = B_noise and falls again (the surge). Adam's law is the small-SNR simplification of Surge eq. 9 (see
-    :func:`adam_optimal_lr_exact`); its B_noise is best taken from a measurement (MATH.md sec. 4).
+    :func:`adam_optimal_lr_exact`); its B_noise is best taken from a measurement (see :func:`adam_law_from_moments`).
 
     Args:
         batch_size: batch size B, in examples.
@@ -233,8 +236,7 @@ def lr_scale(
             \text{Adam, } f(B) = 1/(\sqrt{B_{noise}/B} + \sqrt{B/B_{noise}})
         \end{cases}
 
-    The noise-aware factor is the ratio of the optimal-LR laws (McCandlish eq. 2.7, Surge eq. 2; MATH.md
-    sec. 4). For B, B_ref ≪ B_noise it reduces to the linear rule (SGD) or the square-root rule (Adam); near
+    The noise-aware factor is the ratio of the optimal-LR laws (McCandlish eq. 2.7, Surge eq. 2). For B, B_ref ≪ B_noise it reduces to the linear rule (SGD) or the square-root rule (Adam); near
     and past B_noise it bends away from them, and for Adam it is largest at B = B_noise. When ``noise_scale``
     is ``None`` or ``inf`` (not measured yet) the ``"noise"`` rule uses that B_noise → ∞ limit: linear for
     SGD, square root for Adam. ``rule="linear"`` and ``"sqrt"`` ignore ``optimizer`` and ``noise_scale``.
@@ -319,7 +321,8 @@ class AdamHyperparams:
 
 
 def linear_rule(kappa: Any, lr: Any) -> float:
-    """The linear scaling rule for SGD (MATH.md sec. 5): ``lr → κ·lr`` when the batch is multiplied by κ.
+    """The linear scaling rule for SGD: ``lr → κ·lr`` when the batch is multiplied by κ (where it holds:
+    :func:`linear_rule_max_kappa`).
 
     Args:
         kappa: κ = new batch / reference batch.
@@ -336,7 +339,7 @@ def sqrt_rule(kappa: Any, lr: Any, betas: tuple[float, float] = (0.9, 0.999), ep
         \eta \to \sqrt\kappa\,\eta, \qquad \beta_k \to 1 - \kappa(1 - \beta_k), \qquad
         \epsilon \to \epsilon/\sqrt\kappa
 
-    It keeps the optimizer's SDE unchanged (Malladi et al. 2022, MATH.md sec. 5). It cannot be applied once
+    It keeps the optimizer's SDE unchanged (Malladi et al. 2022). It cannot be applied once
     κ(1 − β) ≥ 1 for either beta (the new beta would be ≤ 0); the authors' advice is then to re-base the
     reference run at a larger batch, and this function raises ``ValueError`` saying so.
 
@@ -382,7 +385,7 @@ def linear_rule_max_kappa(grad_sq: Any, trace_sigma: Any, batch_size: Any, c: fl
         \kappa_{max} = (c^2 - 1)\,\frac{N}{G} = (c^2 - 1)\,\frac{\operatorname{tr}\Sigma}{B\,|\nabla L|^2}
 
     i.e. (with c = √2) the rule is expected to fail once κ·B ≳ B_simple. This κ form is reconstructed from the
-    paper's theorem, code and blog (MATH.md sec. 5). Pass one value each, or sequences measured along the
+    paper's theorem, code and blog. Pass one value each, or sequences measured along the
     baseline run (broadcast together); the rule must hold at every step of the run, so the **minimum** of the
     bound over the run is returned. Use smoothed estimates: a single step's |G|² estimate can be negative.
 
@@ -504,7 +507,7 @@ def _fit_hyperbola(b: np.ndarray, s: np.ndarray) -> tuple[float, float]:
 
 
 def fit_critical_batch(batch_sizes: Any, steps: Any, method: str = "linear") -> CriticalBatchFit:
-    r"""Fit S_min, E_min and B_crit from steps-to-target measured at several batch sizes (MATH.md sec. 6).
+    r"""Fit S_min, E_min and B_crit from steps-to-target measured at several batch sizes (McCandlish eq. 2.11 and App. D, Surge eq. 22).
 
     Each run trains at batch B (at its own best LR) until a fixed target loss, taking S steps and E = B·S
     examples. The model (McCandlish eq. 2.11):
@@ -693,8 +696,8 @@ def adam_law_from_moments(mu: Any, sigma: Any, hessian: Any) -> tuple[float, flo
         a = \sqrt{2/\pi}\,\sum_i \mu_i u_i, \quad c = \sum_i H_{ii}, \quad
         d = \frac2\pi \sum_{i \ne j} u_i u_j H_{ij}
 
-    which is eq. 2 with B_noise = c/d (eq. 14) and ε_max = a / (2√(cd)). MATH.md sec. 4 records that on real
-    networks many coordinates lie outside this regime and eq. 14 comes out far too small, so this is a
+    which is eq. 2 with B_noise = c/d (eq. 14) and ε_max = a / (2√(cd)). Measured on a small transformer,
+    many coordinates lie outside this regime and eq. 14 comes out far too small, so this is a
     diagnostic; the laws take B_noise from a measurement.
 
     Args:

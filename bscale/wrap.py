@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from . import laws
 from .coord_stats import noise_only_small_batch_fraction, unbiased_coordinate_sums
-from .distributed import DataParallel
+from .distributed import DataParallel, _is_dtensor
 from .estimate import NEED_TWO_STEPS, NoiseScaleEstimator
 from .kernels import resolve_backend
 from .kernels.coord import (
@@ -513,6 +513,15 @@ class ScaledOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer; its parameters are measured from the next backward on."""
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif params is not None and not isinstance(params, set):  # a set: torch's own error below
+            params = param_group["params"] = list(params)  # an iterator read once here, as torch does
+        for p in params if isinstance(params, list) else []:
+            # With ddp=, refused before the optimizer changes: a parameter it would step but never measure.
+            if isinstance(p, torch.Tensor) and p.requires_grad and p not in self._slot and not _is_dtensor(p):
+                self._dp._check_ddp_param(p)
         self.optimizer.add_param_group(param_group)
         self._register(self.optimizer.param_groups[-1]["params"])
 
@@ -1249,7 +1258,7 @@ class ScaledOptimizer(Optimizer):
         self._step_microbatches = float(k)
         # .grad holds c·m·ḡ: m = the local accumulation count under DDP and FSDP2 (see DataParallel).
         m = self._local_microbatches or k_local
-        b = k / inv_sizes_total  # harmonic mean of the microbatch sizes (MATH.md sec. 2)
+        b = k / inv_sizes_total  # harmonic mean of the microbatch sizes (see NoiseScaleEstimator)
         B = k * b  # the estimator's big batch; with unequal microbatches fewer than the examples seen:
         examples = reduced["examples"]  # the step's true batch size, Σ_j b_j over every rank
         P = len(self._params)

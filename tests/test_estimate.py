@@ -60,7 +60,7 @@ def _z_score(values: torch.Tensor, truth: float) -> float:
 
 
 def test_two_batch_estimates_invert_the_expected_norms_exactly():
-    # E|G_b|² = |G|² + tr(Σ)/b (MATH.md sec. 1): fed the expectations, the estimator must return the truth.
+    # E|G_b|² = |G|² + tr(Σ)/b (McCandlish App. A.1): fed the expectations, the estimator must return the truth.
     grad_sq, trace = 3.0, 700.0
     for b, B in ((1.0, 2.0), (4.0, 32.0), (7.0, 7.5), (3.0, 1000.0)):
         est = two_batch_estimates(grad_sq + trace / b, grad_sq + trace / B, b, B)

@@ -79,7 +79,7 @@ def test_optimal_lr_vectorised_matches_scalar():
 
 @pytest.mark.parametrize(
     ("optimizer", "expected"),
-    [("adam", 1e-3), ("sgd", 0.8e-3 * (1.0 + 4.0))],  # Surge sec. 3.2 forms, MATH.md sec. 4
+    [("adam", 1e-3), ("sgd", 0.8e-3 * (1.0 + 4.0))],  # Surge sec. 3.2 forms
 )
 def test_lr_max_from_reference_closed_form(optimizer, expected):
     assert lr_max_from_reference(0.8e-3, 250.0, 1000.0, optimizer) == pytest.approx(expected, rel=1e-14)
@@ -224,7 +224,7 @@ def test_small_batch_limit_is_linear_and_sqrt(b, b_ref):
 
 
 def test_noise_aware_bends_away_from_the_rules_near_b_noise():
-    # At B = 4·B_ref = B_noise the noise-aware factor is well below the rules' (MATH.md sec. 4).
+    # At B = 4·B_ref = B_noise the noise-aware factor is well below the rules' (Surge eq. 2).
     assert lr_scale(1000, 250, 1000, optimizer="sgd") < 0.7 * 4.0
     assert lr_scale(1000, 250, 1000, optimizer="adam") < 0.7 * 2.0
 

@@ -123,7 +123,8 @@ def _flat_microbatch_grads(model, microbatches, params) -> list[torch.Tensor]:
     return out
 
 
-def test_add_param_group_parameters_are_measured():
+@pytest.mark.parametrize("as_given", [list, iter])  # torch.optim takes any iterable, read once
+def test_add_param_group_parameters_are_measured(as_given):
     (microbatches,) = _data(1, 4)
     ref = _model()
     everything = bscale.microbatch_estimates(_flat_microbatch_grads(ref, microbatches, list(ref.parameters())))
@@ -132,7 +133,7 @@ def test_add_param_group_parameters_are_measured():
 
     model = _model()
     opt = wrap(torch.optim.SGD(model[0].parameters(), lr=0.0), microbatch_size=1, beta=0.0)
-    opt.add_param_group({"params": list(model[2].parameters()), "lr": 0.0})
+    opt.add_param_group({"params": as_given(list(model[2].parameters())), "lr": 0.0})
     assert len(opt.param_groups) == 2 and opt.param_groups is opt.optimizer.param_groups
     _train(model, opt, [microbatches])
     # microbatch_size=1: the estimates come out per microbatch, as microbatch_estimates' default sizes.
