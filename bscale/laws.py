@@ -8,8 +8,8 @@ Stochastic Differential Equations").
 
 Units: every batch size is a positive real number counted in the user's unit of "example" (samples, or
 tokens for a language model). No law here needs a whole number: a step assembled from unequal microbatches
-has a harmonic-mean batch (see :class:`bscale.NoiseScaleEstimator`) that is not one, so batch sizes are accepted as any finite
-positive real.
+has a harmonic-mean batch (see :class:`bscale.NoiseScaleEstimator`) that is not one, so batch sizes are
+accepted as any finite positive real.
 Functions documented as vectorised take scalars or array-likes (broadcast together); scalars give a ``float``,
 arrays a ``numpy.ndarray``.
 """
@@ -236,7 +236,8 @@ def lr_scale(
             \text{Adam, } f(B) = 1/(\sqrt{B_{noise}/B} + \sqrt{B/B_{noise}})
         \end{cases}
 
-    The noise-aware factor is the ratio of the optimal-LR laws (McCandlish eq. 2.7, Surge eq. 2). For B, B_ref ≪ B_noise it reduces to the linear rule (SGD) or the square-root rule (Adam); near
+    The noise-aware factor is the ratio of the optimal-LR laws (McCandlish eq. 2.7, Surge eq. 2). For
+    B, B_ref ≪ B_noise it reduces to the linear rule (SGD) or the square-root rule (Adam); near
     and past B_noise it bends away from them, and for Adam it is largest at B = B_noise. When ``noise_scale``
     is ``None`` or ``inf`` (not measured yet) the ``"noise"`` rule uses that B_noise → ∞ limit: linear for
     SGD, square root for Adam. ``rule="linear"`` and ``"sqrt"`` ignore ``optimizer`` and ``noise_scale``.
@@ -507,7 +508,8 @@ def _fit_hyperbola(b: np.ndarray, s: np.ndarray) -> tuple[float, float]:
 
 
 def fit_critical_batch(batch_sizes: Any, steps: Any, method: str = "linear") -> CriticalBatchFit:
-    r"""Fit S_min, E_min and B_crit from steps-to-target measured at several batch sizes (McCandlish eq. 2.11 and App. D, Surge eq. 22).
+    r"""Fit S_min, E_min and B_crit from steps-to-target measured at several batch sizes
+    (McCandlish eq. 2.11 and App. D, Surge eq. 22).
 
     Each run trains at batch B (at its own best LR) until a fixed target loss, taking S steps and E = B·S
     examples. The model (McCandlish eq. 2.11):

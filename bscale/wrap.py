@@ -40,7 +40,8 @@ _RULES = ("noise", "linear", "sqrt")
 _LAWS = ("sgd", "adam")
 _BACKENDS = ("auto", "torch", "triton")
 # Microbatch sizes this close to equal (arithmetic over harmonic mean) still give Σ μ̂²/σ̂ and the noise-only level
-# of the per-coordinate readings; a Monte Carlo put the bias at that spread within its noise (~0.5%), against ~5% at 1.09.
+# of the per-coordinate readings; a Monte Carlo put the bias at that spread within its noise (~0.5%), against ~5%
+# at 1.09.
 _EQUAL_SIZES = 1.01
 _ADAM_LIKE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adafactor", "RMSprop", "Adagrad", "SparseAdam")
 

@@ -291,7 +291,7 @@ def test_bad_state_and_calls():
         s.load_state_dict(s.state_dict() | {"seed": 1})
     with pytest.raises(ValueError, match="saved with length=12"):
         s.load_state_dict(s.state_dict() | {"length": 12})
-    with pytest.raises(ValueError, match="saved with drop_last=True .* construct it with drop_last=True"):
+    with pytest.raises(ValueError, match=r"saved with drop_last=True .* construct it with drop_last=True"):
         s.load_state_dict(s.state_dict() | {"drop_last": True})
     old = s.state_dict()
     del old["drop_last"]  # a state saved before drop_last was recorded
