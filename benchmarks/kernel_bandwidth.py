@@ -9,6 +9,8 @@ gradients and buffers, outputs of a few floats ignored). Rows:
   (CUDA only), and a *floor*: the one-pass torch op moving the same bytes without doing the statistic
   (``_foreach_norm`` for norms, ``_foreach_addcmul_`` with the same operands for the others). The ratio
   column is time / floor time.
+- ``coordinate_stats`` also has an *eager* row: the same statistics written in plain eager torch, one op per
+  term (:func:`plain_coordinate_stats`), the torch equivalent a user would write.
 
 Medians of interleaved repeats (every path once per round, so drifting clocks and neighbours hit all alike).
 
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "Bytes counted per element: copy 8, sq_norms/accumulate 4, accumulate+coord 12, coordinate_stats 16 "
         "(with Adam's v, reset on). *floor* is the one-pass torch op moving the same bytes without the "
-        "statistic; *time / floor* is the path's median time over the floor's.",
+        "statistic; *eager* computes coordinate_stats' statistics in plain eager torch, one op per term; "
+        "*time / floor* is the path's median time over the floor's.",
         "",
     ]
     if device.type != "cuda":
