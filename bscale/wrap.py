@@ -377,6 +377,8 @@ class ScaledOptimizer(Optimizer):
         self._layer_of_slot: list[int] = []
         self._layers: list[str] = []
         self._layer_estimators: dict[str, NoiseScaleEstimator] = {}
+        # Per module: the examples of measured steps that gave it no gradient, to weigh its next measurement.
+        self._layer_pending: dict[str, float] = {}
         names = {p: n for n, p in named_parameters} if named_parameters is not None else None
         self._param_names = names
         self._backends: dict[torch.device, str] = {}
@@ -556,6 +558,7 @@ class ScaledOptimizer(Optimizer):
         return {
             "estimator": self.estimator.state_dict(),
             "layers": {k: v.state_dict() for k, v in self._layer_estimators.items()},
+            "layer_pending": dict(self._layer_pending),
             "steps": self.steps,
             "examples": self.examples,
             "ref_batch": self.ref_batch,
@@ -589,6 +592,7 @@ class ScaledOptimizer(Optimizer):
             # A bare optimizer's checkpoint: readings taken before the load belong to another trajectory.
             self.estimator.reset()
             self._layer_estimators = {}
+            self._layer_pending = {}
             self._pending_examples = 0.0
             self._measure_missed = False
             self._coord = {}
@@ -632,6 +636,7 @@ class ScaledOptimizer(Optimizer):
         self._last_full_batch = ours.get("last_full_batch", self._last_full_batch)
         self._last_full_k = ours.get("last_full_k", self._last_full_k)
         self._pending_examples = ours.get("pending_examples", 0.0)
+        self._layer_pending = dict(ours.get("layer_pending", {}))
         self._measure_missed = ours.get("measure_missed", False)
         self.measure_every = ours.get("measure_every", self.measure_every)
         # The count the next step is expected to reach: a resumed run reads .grad when the uninterrupted one would.
@@ -1302,9 +1307,12 @@ class ScaledOptimizer(Optimizer):
             for name, s, g in zip(self._layers, lay_small, lay_big, strict=True):
                 if s == 0.0 and g == 0.0:
                     # No gradient reached this module this step (frozen, an unused branch, an expert no token was
-                    # routed to): nothing measured, so its average is left as it stands rather than fed zeros.
+                    # routed to): nothing measured, so its average is left as it stands rather than fed zeros, and
+                    # the step's examples weigh its next measurement (its horizon stays the same in examples).
+                    self._layer_pending[name] = self._layer_pending.get(name, 0.0) + seen
                     continue
-                self._sub_estimator(name).update(s / k * to_true, g / m**2 * to_true, b, B, seen)
+                pooled = seen + self._layer_pending.pop(name, 0.0)
+                self._sub_estimator(name).update(s / k * to_true, g / m**2 * to_true, b, B, pooled)
         if coord is not None:
             self._record_coordinate_stats(extra, k, b, B, c, seen, spread=examples / B)
         return examples

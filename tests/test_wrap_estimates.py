@@ -471,6 +471,46 @@ def test_a_module_without_gradients_keeps_its_reading_and_is_not_fed_zeros():
     assert {k: v for k, v in opt.stats.items() if k.startswith("layer/a/")} == frozen
 
 
+def _expert_run(steps: range, state: dict | None = None):
+    """Module "a" gets a gradient on even steps only (an expert routed to every other step); "b" on every step."""
+    torch.manual_seed(0)
+    model = _Regressions({"a": 4, "b": 4})
+    opt = wrap(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        microbatch_size=8,
+        beta=0.5,
+        named_parameters=model.named_parameters(),
+    )
+    if state is not None:
+        opt.load_state_dict(state)
+    for step in steps:
+        g = torch.Generator().manual_seed(100 + step)
+        for _ in range(2):
+            x = torch.randn(8, 4, generator=g)
+            used = (model.a, model.b) if step % 2 == 0 else (model.b,)
+            loss = sum(0.5 * (m(x).squeeze(-1) - x.sum(1)).pow(2).mean() for m in used)
+            (loss / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def test_a_module_reached_every_other_step_forgets_by_every_example():
+    # Its readings weigh the examples of the steps it missed into its next measurement, so that beta's horizon
+    # is the same number of examples as the whole model's.
+    opt = _expert_run(range(9))
+    a, b = opt._layer_estimators["a"], opt._layer_estimators["b"]
+    assert a.steps == 5 and b.steps == 9
+    assert a.examples == b.examples == opt.examples == 9 * 16
+    # Saved after a step "a" missed, the examples it missed are in the checkpoint: the resumed run's readings are
+    # the uninterrupted one's.
+    first = _expert_run(range(8))
+    assert first.state_dict()["bscale"]["layer_pending"] == {"a": 16.0}
+    resumed = _expert_run(range(8, 9), state=first.state_dict())
+    assert resumed._layer_estimators["a"].state_dict() == a.state_dict()
+    assert resumed.stats == opt.stats
+
+
 @pytest.mark.slow
 def test_known_answer_linear_regression():
     opt, truths = _known_answer_run({"lin": (32, 1.0, 1.0)})
