@@ -79,7 +79,9 @@ def plain_coordinate_stats(
     sums: list[torch.Tensor], coord: list[torch.Tensor], k: int, b: float, v: list[torch.Tensor], edges: torch.Tensor
 ) -> torch.Tensor:
     """The statistics of `coordinate_stats` as a user would write them in eager torch: float32, one op per
-    term on each whole tensor, the histogram by `bucketize`, and `coord` zeroed after. The *eager* baseline."""
+    term on each whole tensor, the histogram by `bucketize`, and `coord` zeroed after. The *eager* baseline.
+
+    Returns Σ μ̂², Σ σ̂², Σ μ̂²/σ̂, Σ σ̂, the count inside the regime, Σ P²m2, Σ P²μ̂², then the histogram."""
     big_b, terms, hist = k * b, [], torch.zeros(edges.numel() + 1, device=edges.device)
     for s, c, a in zip(sums, coord, v, strict=True):
         mu = s / k
@@ -88,8 +90,9 @@ def plain_coordinate_stats(
         sigma = sigma_sq.sqrt()
         p_sq = (a.sqrt() + 1e-8).reciprocal_().square_()
         mu_sq = mu * mu
-        snr = torch.where(sigma > 0, mu.abs() / sigma, torch.inf)
-        inside = (mu == 0) | (big_b * 2.0 * mu_sq < torch.pi * sigma_sq)
+        live = (mu != 0) | (sigma_sq > 0)  # a coordinate with no gradient has no SNR: counted apart
+        snr = torch.where(sigma > 0, mu.abs() / sigma, torch.inf)[live]
+        inside = ((mu == 0) | (big_b * 2.0 * mu_sq < torch.pi * sigma_sq))[live]
         terms.append(
             torch.stack(
                 [
@@ -103,7 +106,7 @@ def plain_coordinate_stats(
                 ]
             )
         )
-        hist += torch.bincount(torch.bucketize(snr.view(-1), edges, right=True), minlength=hist.numel())
+        hist += torch.bincount(torch.bucketize(snr, edges, right=True), minlength=hist.numel())
         c.zero_()
     return torch.cat([torch.stack(terms).sum(0), hist])
 

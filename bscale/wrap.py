@@ -1341,6 +1341,7 @@ class ScaledOptimizer(Optimizer):
         "coord/sum_mu_sq_over_sigma",
         "coord/frac_small_batch",
         "coord/frac_small_batch_noise_only",
+        "coord/frac_no_grad",
         *(f"coord/snr_hist/{i}" for i in range(len(DEFAULT_SNR_EDGES) + 1)),
     )
 
@@ -1409,10 +1410,12 @@ class ScaledOptimizer(Optimizer):
             "coord/sum_mu_sq_over_sigma": mu_sq_over_sigma,
             "coord/frac_small_batch": d["frac_small_batch"],
             "coord/frac_small_batch_noise_only": noise_only,
+            # Coordinates that had no gradient in the step: in neither the SNR histogram nor the regime share.
+            "coord/frac_no_grad": d["num_no_grad"] / d["num_coords"] if d["num_coords"] else math.nan,
         }
-        total = sum(hist) or 1.0
+        total = sum(hist)  # the coordinates with a gradient
         for i, h in enumerate(hist):
-            self._coord[f"coord/snr_hist/{i}"] = h / total
+            self._coord[f"coord/snr_hist/{i}"] = h / total if total else math.nan
         if math.isfinite(d["precond_small"]) and self._dp.world_size == 1:
             est = self._sub_estimator("__adam_preconditioned__")
             # Squares of the hooks' c·g, like the plain sums (P, from Adam's v, is in .grad's unscaled units):

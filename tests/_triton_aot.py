@@ -37,7 +37,7 @@ COORD_SIGNATURE = {
     "chunk_ptr": "*i64",
     "out_ptr": "*fp32",
     "edges_ptr": "*fp32",
-    **{name: "fp32" for name in ("inv_k", "var_scale", "two_big_b", "eps", "num_coords", "inv_num_coords")},
+    **{name: "fp32" for name in ("inv_k", "var_scale", "two_big_b", "eps", "num_coords")},
 }
 
 

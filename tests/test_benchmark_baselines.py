@@ -25,7 +25,7 @@ def test_plain_eager_coordinate_stats_matches_the_library():
     sums = [torch.randn(s, generator=gen) for s in shapes]
     # Σ g² ≥ (Σ g)²/k keeps the variance non-negative, as in real accumulation.
     coord = [s.square() / k + torch.rand(s.shape, generator=gen) for s in sums]
-    coord[1][0, 0] = sums[1][0, 0].square() / k  # a coordinate with σ̂ = 0
+    sums[1][0, :2] = coord[1][0, :2] = 0.0  # coordinates with no gradient, counted apart
     v = [torch.rand(s, generator=gen) for s in shapes]
     edges = torch.tensor(K.DEFAULT_SNR_EDGES, dtype=torch.float32)
     mine = [c.clone() for c in coord]
@@ -35,8 +35,8 @@ def test_plain_eager_coordinate_stats_matches_the_library():
     n = sum(s.numel() for s in sums)
     names = ["sum_mu_sq", "sum_sigma_sq", "sum_mu_sq_over_sigma", "sum_sigma", "frac_small_batch"]
     expected = torch.stack([lib[x] for x in names] + [lib["precond_small"], lib["precond_big"]])
-    expected[4] *= n  # the plain version counts, the library gives the share
+    expected[4] *= n - 2  # the plain version counts, the library gives the share of the coordinates with a gradient
     torch.testing.assert_close(plain[:7], expected, rtol=1e-4, atol=1e-4)
     # Ties at an edge may round either way in float32: the histograms agree to a coordinate or two.
-    assert plain[7:].sum() == n
+    assert plain[7:].sum() == n - 2 and lib["num_no_grad"] == 2
     assert (plain[7:] - lib["snr_hist"]).abs().sum() <= 2

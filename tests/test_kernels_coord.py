@@ -19,7 +19,15 @@ BACKENDS = [
     "torch",
     pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(not HAS_TRITON, reason="no triton")]),
 ]
-SCALARS = ["sum_mu_sq", "sum_sigma_sq", "sum_mu_sq_over_sigma", "num_coords", "frac_small_batch", "sum_sigma"]
+SCALARS = [
+    "sum_mu_sq",
+    "sum_sigma_sq",
+    "sum_mu_sq_over_sigma",
+    "num_coords",
+    "num_no_grad",
+    "frac_small_batch",
+    "sum_sigma",
+]
 
 
 @pytest.fixture
@@ -83,7 +91,8 @@ def _check_against(stats, expected, *, rtol, what, hist_slack=0, inputs=None):
             atol = _sigma_atol(*inputs)
         assert_close_verbose(stats[key], expected[key], rtol=rtol, atol=atol, what=f"{what} {key}")
     hist, ref_hist = stats["snr_hist"].double(), expected["snr_hist"]
-    assert hist.shape == ref_hist.shape and float(hist.sum()) == n, f"{what} snr_hist {hist} vs {ref_hist}"
+    live = n - float(expected["num_no_grad"])  # coordinates without a gradient are counted apart
+    assert hist.shape == ref_hist.shape and float(hist.sum()) == live, f"{what} snr_hist {hist} vs {ref_hist}"
     assert float((hist - ref_hist).abs().sum()) <= 2 * hist_slack, f"{what} snr_hist {hist} vs {ref_hist}"
 
 
@@ -95,7 +104,7 @@ def test_matches_float64_reference(backend, dtype, precond, seed):
     shapes = [(1,), (7,), (4097,), (33, 65)]
     gs = _microbatches(shapes, k)
     gs[2][:, :5] = 0.25  # σ̂ = 0 exactly (constant across microbatches): overflow bin, outside the regime
-    gs[2][:, 5:8] = 0.0  # μ̂ = σ̂ = 0 (no gradient): first bin, inside the regime
+    gs[2][:, 5:8] = 0.0  # μ̂ = σ̂ = 0 (no gradient): num_no_grad, in neither the histogram nor the share
     # Sums in the gradient dtype (as `.grad` holds them); the transposed one is dense but non-contiguous.
     sums = [g.sum(0).to(dtype) for g in gs]
     sums[3] = gs[3].sum(0).t().contiguous().t().to(dtype)
@@ -195,16 +204,17 @@ def test_synthetic_gaussian_coordinates(backend, seed):
     cdf = torch.cat([torch.zeros(len(lam), 1), cdf, torch.ones(len(lam), 1)], dim=1).double()
     p_bin = cdf.diff(dim=1).clamp_min(0)
     expected = per_group * p_bin.sum(0)
-    expected[-1] += 500  # σ̂ = 0 < |μ̂|: the overflow bin
-    expected[0] += 300  # no gradient (μ̂ = σ̂ = 0): the first bin, no signal
+    expected[-1] += 500  # σ̂ = 0 < |μ̂|: the overflow bin (no gradient, μ̂ = σ̂ = 0: counted apart)
     var = per_group * (p_bin * (1 - p_bin)).sum(0)
     got = stats["snr_hist"].double()
     bad = (got - expected).abs() > 5 * var.sqrt() + 1
     assert not bool(bad.any()), f"{what}: snr_hist {got.tolist()} vs expected {expected.round().tolist()}"
 
     p_inside = torch.tensor([stats_mod.ncf.cdf(math.pi / 2, 1, k - 1, x) for x in lam], dtype=torch.float64)
-    exp_inside = (per_group * float(p_inside.sum()) + 300) / n  # μ̂ = 0 is inside; σ̂ = 0 is outside
-    sd = math.sqrt(per_group * float((p_inside * (1 - p_inside)).sum())) / n
+    # A share of the n − 300 coordinates with a gradient; σ̂ = 0 < |μ̂| is outside.
+    assert float(stats["num_no_grad"]) == 300
+    exp_inside = per_group * float(p_inside.sum()) / (n - 300)
+    sd = math.sqrt(per_group * float((p_inside * (1 - p_inside)).sum())) / (n - 300)
     got_inside = float(stats["frac_small_batch"])
     assert abs(got_inside - exp_inside) < 5 * sd + 1 / n, f"{what}: frac {got_inside:.5f} vs {exp_inside:.5f}"
 

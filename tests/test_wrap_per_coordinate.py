@@ -85,6 +85,30 @@ def test_ratio_sum_and_noise_only_level_need_near_equal_microbatches(last, repor
         assert math.isfinite(stats[key]), key  # unbiased for any sizes (the harmonic mean)
 
 
+def test_coordinates_without_a_gradient_are_counted_apart():
+    # A parameter whose gradient is exactly zero (an embedding's unused rows, units that never fire) adds 48
+    # coordinates with no SNR: their share is reported, and the histogram and the regime share are the others'.
+    def run(extra: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(D, 1, bias=False)
+        unused = torch.nn.Parameter(torch.randn(48))
+        params = [*model.parameters(), unused] if extra else list(model.parameters())
+        opt = bscale.wrap(torch.optim.Adam(params, lr=0.0), microbatch_size=B_MICRO, per_coordinate=True)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(K):
+            x = torch.randn(B_MICRO, D, generator=gen)
+            loss = 0.5 * (model(x).squeeze(-1) - x.sum(1) + torch.randn(B_MICRO, generator=gen)).pow(2).mean()
+            ((loss + 0.0 * unused.sum()) / K).backward()
+        opt.step()
+        return opt.stats
+
+    with_unused, without = run(True), run(False)
+    assert with_unused["coord/frac_no_grad"] == 48 / (48 + D) and without["coord/frac_no_grad"] == 0.0
+    keys = ["coord/frac_small_batch", *(k for k in without if k.startswith("coord/snr_hist/"))]
+    assert {k: with_unused[k] for k in keys} == pytest.approx({k: without[k] for k in keys}, rel=1e-6)
+    assert math.isclose(sum(with_unused[k] for k in keys[1:]), 1.0, rel_tol=1e-6)
+
+
 def test_per_coordinate_values_do_not_depend_on_the_loss_convention():
     mean_rows, _ = _run("mean")
     sum_rows, _ = _run("sum")

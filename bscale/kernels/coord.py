@@ -42,7 +42,11 @@ SLOTS: tuple[str, ...] = (
     "precond_big",
     "frac_small_batch",
     "sum_sigma",
+    "num_no_grad",
 )
+# A coordinate with no gradient in the step (μ̂ = σ̂ = 0, or NaN) gets the bin index one past the histogram's
+# bins: it is counted into `num_no_grad` and left out of the histogram and of `frac_small_batch`.
+_FRAC, _NO_GRAD = SLOTS.index("frac_small_batch"), SLOTS.index("num_no_grad")
 
 # Elements per slice of the torch path. A slice costs ~22 whole-slice eager ops whatever its size: at 2^18,
 # their dispatch (5-15 µs an op) is a few percent of the arithmetic (~7 ns an element on one core), while
@@ -172,23 +176,25 @@ def coordinate_stats(
         \texttt{sum\_mu\_sq\_over\_sigma} = \sum_{\hat\sigma > 0} \hat\mu^2 / \hat\sigma, \quad
         \texttt{sum\_sigma} = \sum \hat\sigma, \\
         \texttt{precond\_small} = \sum P^2 m_2, \quad \texttt{precond\_big} = \sum P^2 \hat\mu^2, \quad
-        \texttt{frac\_small\_batch} = \frac{1}{N}\#\{B < \pi\hat\sigma^2 / (2\hat\mu^2)\}
+        \texttt{frac\_small\_batch} = \frac{1}{N - N_0}\#\{B < \pi\hat\sigma^2 / (2\hat\mu^2)\}
 
     These are plug-in sums of one step's estimates (:mod:`bscale.coord_stats` turns Σ μ̂² and Σ μ̂²/σ̂ into
     unbiased ones with the help of `sum_sigma`). `sum_mu_sq_over_sigma` is the numerator of the small-batch
     Surge law (eq. 16: erf(x) ≈ 2x/√π turns Σ E_i μ_i into √(2B/π) Σ μ_i²/σ_i); `frac_small_batch` is the
-    share of coordinates inside the regime of Surge thm. 3 (μ̂ = 0 counts as inside); `precond_small` and
+    share of coordinates inside the regime of Surge thm. 3 (μ̂ = 0 counts as inside) among the N − N₀ that had
+    a gradient; `precond_small` and
     `precond_big` are |P g|² averaged over microbatches and |P ḡ|², the two batch sizes of McCandlish App. A.1
     for the preconditioned gradient. `snr_hist` counts
     |μ̂|/σ̂ in `len(snr_edges) + 1` bins: bin 0 below the first edge, bin i in [edge[i-1], edge[i]), the last
-    bin at or above the last edge together with every coordinate where σ̂ = 0 < |μ̂|. A coordinate with no
-    gradient in the step (μ̂ = σ̂ = 0: a frozen slice, an embedding row no token used) has no signal: it counts
-    in bin 0 and inside the regime, like μ̂ = 0.
+    bin at or above the last edge together with every coordinate where σ̂ = 0 < |μ̂|. The N₀ coordinates with
+    no gradient in the step (μ̂ = σ̂ = 0: a frozen slice, a ReLU that never fired, an embedding row no token
+    used) have no SNR: `num_no_grad` counts them, and neither the histogram nor `frac_small_batch` includes
+    them (NaN when no coordinate had a gradient).
 
     Precision: float32 throughout, with float64 only to add up per-slice sums. σ̂² comes from m2 − μ̂², so a
     coordinate with |μ̂|/σ̂ beyond ~10³ has a variance at the level of float32 rounding (clamped at 0); an
     SNR within float32 rounding of an edge may land one bin over. Counts above 2^24 round to float32. A NaN
-    input makes the sums NaN and counts in the first bin (the last on some paths where only `coord_sq` is NaN).
+    input makes the sums NaN and counts with `num_no_grad`.
 
     Args:
         grad_sums (sequence of Tensor): S = Σ_j g_j per parameter (the accumulated `.grad` in sum units)
@@ -206,7 +212,8 @@ def coordinate_stats(
 
     Returns:
         dict[str, Tensor]: 0-d float32 tensors `sum_mu_sq`, `sum_sigma_sq`, `sum_mu_sq_over_sigma`,
-        `sum_sigma`, `num_coords`, `frac_small_batch` (and `precond_small`, `precond_big` with `exp_avg_sq`), and the
+        `sum_sigma`, `num_coords`, `num_no_grad`, `frac_small_batch` (and `precond_small`, `precond_big` with
+        `exp_avg_sq`), and the
         float32 vector `snr_hist`; all are views of one buffer on the tensors' device. No host sync.
     """
     grad_sums, coord_sq = list(grad_sums), list(coord_sq)
@@ -322,20 +329,21 @@ def _log_bins(log_edges: tuple[float, float], alpha: float, nbins: int) -> tuple
         y = \frac{\log_{10}\mathrm{snr} - f}{h} + 1 = a \log_2 T + c, \quad
         a = \frac{1}{2 h \log_2 10}, \quad c = a \log_2\alpha - \frac{f}{h} + 1
 
-    Returns `(a, c, low, high)` with `low`, `high` the T at y = −0.5 and y = nbins − 0.5: clamping T into
-    them leaves every bin as it is and puts y in (−1, nbins), where truncation toward zero is the clamped
-    floor. None when they are not normal float32 numbers (edges near 1e-19 or 1e19): bucketize then.
+    Returns `(a, c, low, high, dead)` with `low`, `high` the T at y = −0.5 and y = nbins − 0.5: clamping T
+    into them leaves every bin as it is and puts y in (−1, nbins), where truncation toward zero is the clamped
+    floor; `dead`, the T at y = nbins + 0.5, stands for NaN (no gradient) and lands one past the last bin.
+    None when they are not normal float32 numbers (edges near 1e-19 or 1e19): bucketize then.
     """
     first, step = log_edges
     a = 1.0 / (2.0 * step * math.log2(10.0))
     c = a * math.log2(alpha) - first / step + 1.0
     try:
-        low, high = 2.0 ** ((-0.5 - c) / a), 2.0 ** ((nbins - 0.5 - c) / a)
+        low, high, dead = (2.0 ** ((y - c) / a) for y in (-0.5, nbins - 0.5, nbins + 0.5))
     except OverflowError:
         return None
-    if not (_TINY <= low and high <= torch.finfo(torch.float32).max / 2):
+    if not (_TINY <= low and dead <= torch.finfo(torch.float32).max / 2):
         return None
-    return a, c, low, high
+    return a, c, low, high, dead
 
 
 class _Constants(NamedTuple):
@@ -515,12 +523,14 @@ def _bin_index(
     """The bin of each element of the slice, from T in `rows.t` (which it overwrites)."""
     t = rows.t
     if bins is None:
-        # μ̂ = σ̂ = 0 (0/0, no gradient) goes to the first bin, σ̂ = 0 < |μ̂| (inf) to the overflow bin.
+        # σ̂ = 0 < |μ̂| (inf) goes to the overflow bin, μ̂ = σ̂ = 0 (NaN: no gradient) one past the last bin.
+        none = torch.isnan(t)
         snr = t.nan_to_num_(nan=0.0).mul_(alpha).sqrt_()
-        return torch.bucketize(snr, edges, right=True)
-    scale, _, low, high = bins
-    # σ̂ = 0 < |μ̂| (inf) joins the overflow bin; T = 0 (μ̂ = 0) and μ̂ = σ̂ = 0 (NaN: no gradient) the first bin.
-    t.nan_to_num_(nan=low, posinf=high).clamp_(low, high)
+        return torch.bucketize(snr, edges, right=True).masked_fill_(none, edges.numel() + 1)
+    scale, _, low, high, dead = bins
+    # σ̂ = 0 < |μ̂| (inf) joins the overflow bin, T = 0 (μ̂ = 0) the first; clamp keeps NaN (μ̂ = σ̂ = 0: no
+    # gradient), which goes one past the last bin.
+    t.clamp_(low, high).nan_to_num_(nan=dead)
     torch.add(consts.offset, t.log2_(), alpha=scale, out=t)  # y = c + a log2 T, in (-1, nbins)
     return rows.index.copy_(t)  # truncation toward 0: the clamped floor of y
 
@@ -529,10 +539,11 @@ def _count_bins(rows: _Rows, idx: torch.Tensor, nbins: int, paired: bool) -> tor
     """bincount of `idx` (the CPU's), two bins to an entry a·(nbins + 1) + b when `paired`.
 
     bincount's loop costs about a nanosecond an element, several times any other pass over the index: pairs
-    halve it for one pass over half the index in int16.
+    halve it for one pass over half the index in int16. Index nbins (no gradient) is also the filler of an odd
+    slice's last pair: `_assemble` takes the fillers back out of its count.
     """
     if not paired:
-        return torch.bincount(idx, minlength=nbins)
+        return torch.bincount(idx, minlength=nbins + 1)  # bin nbins: no gradient
     if idx.numel() % 2:
         rows.spare.fill_(nbins)  # a bin no element has, left out by `_assemble`
     torch.add(rows.second, rows.first, alpha=nbins + 1, out=rows.pairs)
@@ -584,9 +595,11 @@ def _coordinate_stats_torch(
     row_sums: list[torch.Tensor] = []
     counts: list[torch.Tensor] = []
     if device.type != "cpu":
-        hist = torch.zeros(nbins, dtype=torch.int64, device=device)
+        hist = torch.zeros(nbins + 1, dtype=torch.int64, device=device)  # bin nbins: no gradient
         one = torch.ones((), dtype=torch.int64, device=device)
+    fillers = 0  # odd slices' filler pairs (see `_count_bins`)
     for members, lo, hi in _plan(tuple(c.numel() for c in coord_sq), _SLICE, _PACK_BELOW):
+        fillers += paired and (hi - lo) % 2
         rows = scratch.rows(hi - lo, precond)
         if len(members) == 1:
             s, c, v = _lone(rows, flats, members[0], lo, hi, grad_sums, coord_sq, exp_avg_sq)
@@ -607,7 +620,7 @@ def _coordinate_stats_torch(
             hist.index_add_(0, idx, one.expand_as(idx))
     if device.type != "cpu":
         counts = [hist]
-    return _assemble(row_sums, counts, paired, device, nbins, total, k, b, precond)
+    return _assemble(row_sums, counts, paired, device, nbins, total, k, b, precond, fillers)
 
 
 def _lone(
@@ -665,6 +678,7 @@ def _assemble(
     k: int,
     b: float,
     precond: bool,
+    fillers: int,
 ) -> torch.Tensor:
     """The output vector (`SLOTS`, then the histogram) from the slices' float32 row sums and bincounts.
 
@@ -673,44 +687,63 @@ def _assemble(
     of that vector (see `_assembly_tables`): a handful of small ops, each costing as much as its dispatch.
     """
     acc = torch.float32 if device.type == "mps" else torch.float64
-    gather, weight, dest, bias = _assembly_tables(device, acc, nbins, paired, total, k, b, precond)
+    gather, weight, dest, bias = _assembly_tables(device, acc, nbins, paired, total, k, b, precond, fillers)
     if not row_sums:  # no elements
         return bias.to(torch.float32)
     sums = row_sums[0] if len(row_sums) == 1 else torch.stack(row_sums).sum(0, dtype=acc)
     hist = counts[0] if len(counts) == 1 else torch.stack(counts).sum(0)
     parts = torch.cat([sums, hist], out=torch.empty(0, dtype=acc, device=device))
     terms = torch.index_select(parts, 0, gather).mul_(weight)
-    return torch.index_add(bias, 0, dest, terms).to(torch.float32)
+    out = torch.index_add(bias, 0, dest, terms)
+    share_with_gradient(out, total)
+    return out.to(torch.float32)
+
+
+def share_with_gradient(out: torch.Tensor, total: int) -> None:
+    """Turn `frac_small_batch` from the count of coordinates inside the regime (those without a gradient among
+    them: NaN compares as inside) into the share of the coordinates with a gradient; NaN when none has one."""
+    if total:
+        none = out[_NO_GRAD]
+        out[_FRAC] = (out[_FRAC] - none) / (total - none)
 
 
 @functools.lru_cache(maxsize=32)
 def _assembly_tables(
-    device: torch.device, acc: torch.dtype, nbins: int, paired: bool, total: int, k: int, b: float, precond: bool
+    device: torch.device,
+    acc: torch.dtype,
+    nbins: int,
+    paired: bool,
+    total: int,
+    k: int,
+    b: float,
+    precond: bool,
+    fillers: int,
 ) -> tuple[torch.Tensor, ...]:
     """`(gather, weight, dest, bias)`: output entry j is bias[j] + Σ parts[gather[i]] · weight[i] over the i
     with dest[i] = j, where `parts` is the row sums, then the bincount.
 
     Row sums are (outside, Σ M/√D, Σ M, Σ D, Σ √D[, Σ P²C, Σ P²M]); a paired bincount entry a·(nbins + 1) + b
-    counts bin a and bin b (bin nbins is the filler of an odd slice). Each output entry reads only its own
-    terms, so that an inf or NaN in one sum cannot reach the others.
+    counts bin a and bin b. Bin nbins counts the coordinates without a gradient, and in a paired count also
+    the `fillers` of odd slices, taken back out by the bias. Each output entry reads only its own terms, so
+    that an inf or NaN in one sum cannot reach the others.
     """
     c3 = 1.0 / (k * math.sqrt(b / (k - 1.0)))
     # (row, output slot, weight): Σ μ̂² = Σ M / k, Σ σ̂² = b/(k−1) Σ D, Σ μ̂²/σ̂ = c3 Σ M/√D,
-    # Σ P² m2 = Σ P²C / k, Σ P² μ̂² = Σ P²M / k, frac = 1 − outside / N, Σ σ̂ = √(b/(k−1)) Σ √D.
-    terms = [(2, 0, 1.0 / k), (3, 1, b / (k - 1.0)), (1, 2, c3), (0, 6, -1.0 / max(total, 1))]
+    # Σ P² m2 = Σ P²C / k, Σ P² μ̂² = Σ P²M / k, inside = N − outside (a count, see `share_with_gradient`),
+    # Σ σ̂ = √(b/(k−1)) Σ √D.
+    terms = [(2, 0, 1.0 / k), (3, 1, b / (k - 1.0)), (1, 2, c3), (0, _FRAC, -1.0)]
     terms += [(4, 7, math.sqrt(b / (k - 1.0)))]
     if precond:
         terms += [(5, 4, 1.0 / k), (6, 5, 1.0 / k)]
     gather, dest, weight = (list(column) for column in zip(*terms, strict=True))
     first = 7 if precond else 5
-    for entry in range((nbins + 1) ** 2 if paired else nbins):
+    for entry in range((nbins + 1) ** 2 if paired else nbins + 1):
         for bin_ in divmod(entry, nbins + 1) if paired else (entry,):
-            if bin_ < nbins:
-                gather.append(first + entry)
-                dest.append(len(SLOTS) + bin_)
-                weight.append(1.0)
+            gather.append(first + entry)
+            dest.append(len(SLOTS) + bin_ if bin_ < nbins else _NO_GRAD)
+            weight.append(1.0)
     bias = [0.0] * (len(SLOTS) + nbins)
-    bias[3], bias[6] = float(total), 1.0 if total else 0.0
+    bias[3], bias[_FRAC], bias[_NO_GRAD] = float(total), float(total), -float(fillers)
     index = to_device(torch.tensor([gather, dest], dtype=torch.int64), device)
     values = to_device(torch.tensor(weight + bias, dtype=acc), device)
     return index[0], values[: len(weight)], index[1], values[len(weight) :]

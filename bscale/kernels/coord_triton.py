@@ -15,13 +15,15 @@ import triton.language as tl
 
 from ._layout import aligned, check_dtype, chunk_table, flat_like, pointer_table
 from ._triton_common import launch_config, load_f32
+from .coord import share_with_gradient
 
 # Columns of the pointer table.
 _S_ADDR, _S_CODE, _C_ADDR, _V_ADDR, _V_CODE, _NUMEL = range(6)
 _WIDTH = 6
 # Output vector: sum_mu_sq, sum_sigma_sq, sum_mu_sq_over_sigma, num_coords, precond_small, precond_big,
-# frac_small_batch, sum_sigma, then the histogram.
-NUM_SCALARS = 8
+# frac_small_batch (the count inside the regime until the launcher divides), sum_sigma, num_no_grad, then the
+# histogram.
+NUM_SCALARS = 9
 
 
 @triton.jit
@@ -50,11 +52,15 @@ def _coord_block(
     bins = tl.zeros_like(offs).to(tl.int32)
     for j in tl.static_range(NUM_EDGES):
         bins += (snr >= tl.load(edges_ptr + j)).to(tl.int32)
-    # σ̂ = 0: an infinite SNR (overflow bin), or none where μ̂ = 0 too (no gradient) or NaN (first bin).
-    bins = tl.where(pos, bins, tl.where((mu == 0.0) | (mu != mu), 0, NUM_EDGES))
+    # σ̂ = 0 < |μ̂|: an infinite SNR, the overflow bin. No gradient in the step (μ̂ = σ̂ = 0), or NaN: one past
+    # the last bin, counted into num_no_grad.
+    none = ((mu == 0.0) & (sig == 0.0)) | (mu != mu) | (sig != sig)
+    bins = tl.where(none, NUM_EDGES + 1, tl.where(pos, bins, NUM_EDGES))
     acc_hist += tl.histogram(bins, NUM_BINS_P2, mask=mask)
-    # Surge thm. 3 regime B < π σ̂² / (2 μ̂²), written without a division; μ̂ = 0 is inside.
-    acc_inside += tl.where(mask & ((mu == 0.0) | (two_big_b * mu2 < 3.141592653589793 * sig2)), 1.0, 0.0)
+    # Surge thm. 3 regime B < π σ̂² / (2 μ̂²), written without a division; μ̂ = 0 is inside, and so is what has
+    # no gradient or is NaN (taken back out of the count by the launcher, with num_no_grad).
+    outside = (mu != 0.0) & (two_big_b * mu2 >= 3.141592653589793 * sig2)
+    acc_inside += tl.where(mask, 1.0 - outside.to(tl.float32), 0.0)
     if PRECOND:
         v = load_f32(v_addr, offs, mask, v_code, ALIGNED)
         p = 1.0 / (tl.sqrt_rn(v) + eps)
@@ -75,7 +81,6 @@ def _coord_stats_kernel(
     two_big_b,
     eps,
     num_coords,
-    inv_num_coords,
     WIDTH: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -134,10 +139,12 @@ def _coord_stats_kernel(
     if PRECOND:
         tl.atomic_add(out_ptr + 4, tl.sum(acc_small, axis=0))
         tl.atomic_add(out_ptr + 5, tl.sum(acc_big, axis=0))
-    tl.atomic_add(out_ptr + 6, tl.sum(acc_inside, axis=0) * inv_num_coords)
+    tl.atomic_add(out_ptr + 6, tl.sum(acc_inside, axis=0))
     tl.atomic_add(out_ptr + 7, tl.sum(acc_sig, axis=0))
     bin_ids = tl.arange(0, NUM_BINS_P2)
-    tl.atomic_add(out_ptr + 8 + bin_ids, acc_hist.to(tl.float32), mask=bin_ids < NUM_EDGES + 1)
+    # Bins 0..NUM_EDGES after the scalars; the count one past them (no gradient) into num_no_grad.
+    dest = tl.where(bin_ids <= NUM_EDGES, out_ptr + 9 + bin_ids, out_ptr + 8)
+    tl.atomic_add(dest, acc_hist.to(tl.float32), mask=bin_ids <= NUM_EDGES + 1)
 
 
 def coordinate_stats_triton(
@@ -191,16 +198,16 @@ def coordinate_stats_triton(
         2.0 * k * microbatch_size,  # 2B with B = k·b
         float(eps),
         float(total),
-        1.0 / total,
         WIDTH=_WIDTH,
         CHUNK=cfg.chunk,
         BLOCK=cfg.block,
         NUM_EDGES=num_edges,
-        NUM_BINS_P2=triton.next_power_of_2(num_edges + 1),
+        NUM_BINS_P2=triton.next_power_of_2(num_edges + 2),  # and the bin of coordinates without a gradient
         PRECOND=exp_avg_sq is not None,
         RESET=reset,
         ALIGNED=aligned(ptrs),
         num_warps=cfg.num_warps,
     )
     del keep
+    share_with_gradient(out, total)
     return out

@@ -37,21 +37,25 @@ def coordinate_stats_reference(
     sigma = sigma_sq.sqrt()
     pos = sigma > 0
     safe = torch.where(pos, sigma, torch.ones_like(sigma))
-    # σ̂ = 0: an infinite SNR, or 0 where μ̂ = 0 too (no gradient in the step) or NaN.
-    none = (mu == 0) | mu.isnan()
-    snr = torch.where(pos, mu.abs() / safe, torch.where(none, torch.zeros_like(mu), torch.full_like(mu, math.inf)))
+    # No gradient in the step (μ̂ = σ̂ = 0), or NaN: counted apart, in neither the histogram nor the regime share.
+    none = ((mu == 0) & (sigma == 0)) | mu.isnan() | sigma.isnan()
+    snr = torch.where(pos, mu.abs() / safe, torch.full_like(mu, math.inf))  # σ̂ = 0 < |μ̂|: infinite
     edges = torch.as_tensor(DEFAULT_SNR_EDGES if snr_edges is None else snr_edges, dtype=torch.float64).cpu()
     # Bin i holds edges[i-1] <= snr < edges[i]: the number of edges at or below snr.
-    bins = (snr[:, None] >= edges[None, :]).sum(dim=1)
+    bins = (snr[~none, None] >= edges[None, :]).sum(dim=1)
     big_b = k * b
-    inside = (mu == 0) | (big_b < math.pi * sigma_sq / (2.0 * mu**2))
+    inside = ((mu == 0) | (big_b < math.pi * sigma_sq / (2.0 * mu**2)))[~none]
+    live = int((~none).sum())
     stats = {
         "sum_mu_sq": (mu**2).sum(),
         "sum_sigma_sq": sigma_sq.sum(),
         "sum_mu_sq_over_sigma": torch.where(pos, mu**2 / safe, torch.zeros_like(mu)).sum(),
         "num_coords": torch.tensor(float(mu.numel()), dtype=torch.float64),
-        "frac_small_batch": inside.double().mean() if mu.numel() else torch.tensor(0.0, dtype=torch.float64),
+        "frac_small_batch": (
+            inside.double().mean() if live else torch.tensor(math.nan if mu.numel() else 0.0, dtype=torch.float64)
+        ),
         "sum_sigma": sigma.sum(),
+        "num_no_grad": none.double().sum(),
         "snr_hist": torch.bincount(bins, minlength=edges.numel() + 1).double(),
     }
     if exp_avg_sq is not None:
