@@ -21,11 +21,21 @@ coordinates in Surge's small-batch regime and the SNR histogram, cannot be corre
 :math:`B\hat\mu^2/\hat\sigma^2` follows a noncentral F(1, ν) law, so even where every coordinate is pure noise
 (μ = 0) only a share P(F(1, ν) < π/2) reads inside the regime; :func:`noise_only_small_batch_fraction` gives it,
 the level to read that statistic against.
+
+**Unequal microbatches.** With sizes b_j the microbatch means are N(μ, σ²/b_j), μ̂ is still their plain mean and
+σ̂² = b/(k−1) Σ_j (g_j − μ̂)² with b the harmonic mean, so E[μ̂²] = μ² + σ²/B and E[σ̂²] = σ² still hold; but σ̂² is
+no longer a scaled χ², and it is correlated with μ̂. The odd moments of μ̂ − μ vanish (reflect every g_j about μ),
+so E[μ̂²/σ̂] = c1·μ²/σ + c3·σ/B and E[σ̂] = c2·σ, with c1, c2, c3 functions of the sizes alone
+(:func:`size_moments`; c3 = c1 for equal sizes), and the same correction holds with c3/c2 in place of 1/c2.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
+
+import numpy
 
 
 def chi_moments(nu: int) -> tuple[float, float]:
@@ -39,7 +49,13 @@ def chi_moments(nu: int) -> tuple[float, float]:
 
 
 def unbiased_coordinate_sums(
-    sum_mu_sq: float, sum_sigma_sq: float, sum_mu_sq_over_sigma: float, sum_sigma: float, k: int, big_batch: float
+    sum_mu_sq: float,
+    sum_sigma_sq: float,
+    sum_mu_sq_over_sigma: float,
+    sum_sigma: float,
+    k: int,
+    big_batch: float,
+    sizes: Sequence[float] | None = None,
 ) -> tuple[float, float]:
     r"""Unbiased :math:`(\sum_i \mu_i^2, \sum_i \mu_i^2/\sigma_i)` from one step's plug-in sums (module docstring).
 
@@ -47,24 +63,89 @@ def unbiased_coordinate_sums(
         sum_mu_sq, sum_sigma_sq, sum_mu_sq_over_sigma, sum_sigma: :math:`\sum\hat\mu^2, \sum\hat\sigma^2,
             \sum\hat\mu^2/\hat\sigma, \sum\hat\sigma`, as the kernels return them.
         k: microbatches in the step (ν = k − 1).
-        big_batch: B = k·b, the batch whose mean μ̂ is.
+        big_batch: B = k·b, the batch whose mean μ̂ is (b the harmonic mean of the sizes).
+        sizes: the k microbatch sizes, when they may differ (default: None, equal sizes).
 
     Returns:
         The two sums; the second is NaN for k = 2, where no unbiased estimate exists.
     """
-    c1, c2 = chi_moments(k - 1)
     mu_sq = sum_mu_sq - sum_sigma_sq / big_batch
-    ratio = math.nan if math.isinf(c1) else sum_mu_sq_over_sigma / c1 - sum_sigma / (c2 * big_batch)
+    if sizes is not None and len(set(sizes)) > 1:
+        c1, c2, c3 = size_moments(tuple(sizes))
+    else:
+        c1, c2 = chi_moments(k - 1)
+        c3 = c1
+    ratio = math.nan if math.isinf(c1) else (sum_mu_sq_over_sigma - c3 / c2 * sum_sigma / big_batch) / c1
     return mu_sq, ratio
 
 
-def noise_only_small_batch_fraction(k: int) -> float:
+# The integrals below are taken over t = e^u on this grid: their integrands are smooth in u and fall off
+# exponentially at both ends, where the trapezoidal rule converges geometrically.
+_U = numpy.linspace(-60.0, 120.0, 9001)
+_T = numpy.exp(_U)
+_DU = _U[1] - _U[0]
+
+
+def _integral(values: numpy.ndarray) -> float:
+    return float(numpy.sum(values[..., 1:-1], axis=-1) * _DU + 0.5 * _DU * (values[..., 0] + values[..., -1]))
+
+
+def _standardised(sizes: tuple[float, ...]) -> tuple[numpy.ndarray, numpy.ndarray, float]:
+    """Eigenvalues λ and the weight vector w (in the eigenbasis) of σ̂²/σ² = Σ_i λ_i z_i² and B(μ̂ − μ)²/σ² =
+    (wᵀz)², with z standard normal: microbatch means y_j = z_j/√b_j about μ, in units of σ."""
+    b = numpy.asarray(sizes, dtype=numpy.float64)
+    k = b.size
+    harmonic = k / numpy.sum(1.0 / b)
+    root = 1.0 / numpy.sqrt(b)
+    centring = numpy.eye(k) - 1.0 / k
+    # σ̂²/σ² = harmonic/(k−1) · yᵀ(I − 11ᵀ/k)y with y = D^½ z, D = diag(1/b).
+    m = harmonic / (k - 1.0) * (root[:, None] * centring * root[None, :])
+    lam, vectors = numpy.linalg.eigh(m)
+    lam = numpy.clip(lam, 0.0, None)  # the null direction comes out at rounding level
+    w = vectors.T @ (root * math.sqrt(k * harmonic) / k)  # √B·(1ᵀy/k) = wᵀz
+    return lam, w, k * harmonic
+
+
+@functools.lru_cache(maxsize=64)
+def size_moments(sizes: tuple[float, ...]) -> tuple[float, float, float]:
+    r"""``(c1, c2, c3)`` = :math:`(E[X^{-1/2}],\ E[X^{1/2}],\ E[n^2 X^{-1/2}])` for microbatches of these sizes, with
+    :math:`X = \hat\sigma^2/\sigma^2` and :math:`n = \sqrt B(\hat\mu - \mu)/\sigma`; for equal sizes c1, c2 are
+    :func:`chi_moments` and c3 = c1. From the Laplace transform of the quadratic form X:
+
+    .. math::
+        X^{-1/2} = \frac{1}{\sqrt\pi}\int_0^\infty t^{-1/2} e^{-tX} dt, \quad
+        X^{1/2} = \frac{1}{2\sqrt\pi}\int_0^\infty t^{-3/2} (1 - e^{-tX}) dt, \quad
+        E[e^{-tX}] = \prod_i (1 + 2t\lambda_i)^{-1/2}, \quad
+        E[(w^T z)^2 e^{-tX}] = \prod_i (1 + 2t\lambda_i)^{-1/2} \sum_i \frac{w_i^2}{1 + 2t\lambda_i}
+
+    c1 and c3 are infinite for k = 2.
+    """
+    if len(sizes) < 2 or not all(math.isfinite(b) and b > 0 for b in sizes):
+        raise ValueError(f"sizes must be at least two positive microbatch sizes, got {sizes!r}")
+    lam, w, _ = _standardised(sizes)
+    log_laplace = -0.5 * numpy.sum(numpy.log1p(2.0 * _T[:, None] * lam[None, :]), axis=1)
+    c2 = _integral(-numpy.expm1(log_laplace) / numpy.sqrt(_T)) / (2.0 * math.sqrt(math.pi))
+    if len(sizes) == 2:  # X is one scaled χ²₁: E[X^{-1/2}] diverges
+        return math.inf, c2, math.inf
+    laplace = numpy.exp(log_laplace)
+    c1 = _integral(numpy.sqrt(_T) * laplace) / math.sqrt(math.pi)
+    one_plus = 1.0 + 2.0 * _T[:, None] * lam[None, :]
+    c3 = _integral(numpy.sqrt(_T) * laplace * numpy.sum(w**2 / one_plus, axis=1)) / math.sqrt(math.pi)
+    return c1, c2, c3
+
+
+def noise_only_small_batch_fraction(k: int, sizes: Sequence[float] | None = None) -> float:
     r"""P(F(1, k − 1) < π/2): the expected share of coordinates that read inside Surge's small-batch regime at
     one step of k microbatches when no coordinate has any signal (μ = 0).
 
     F(1, ν) is the square of Student's t with ν degrees of freedom, whose two-sided probability has the closed
-    forms of Abramowitz & Stegun 26.7.3-4 in θ = arctan(√(x/ν)).
+    forms of Abramowitz & Stegun 26.7.3-4 in θ = arctan(√(x/ν)). For microbatches of unequal `sizes` it is
+    P(2B μ̂² < π σ̂²) of the module docstring's model, by :func:`_imhof_negative`.
     """
+    if sizes is not None and len(set(sizes)) > 1:
+        if len(sizes) != k:
+            raise ValueError(f"sizes has {len(sizes)} entries for k = {k} microbatches")
+        return _noise_only_unequal(tuple(sizes))
     nu = k - 1
     if nu < 1:
         raise ValueError(f"k must be at least 2 microbatches, got {k!r}")
@@ -84,3 +165,26 @@ def noise_only_small_batch_fraction(k: int) -> float:
             term *= (2 * j) / (2 * j + 1) * c * c
             total += term
     return 2.0 / math.pi * (theta + s * total)
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_only_unequal(sizes: tuple[float, ...]) -> float:
+    lam, w, _ = _standardised(sizes)
+    # Inside ⇔ 2(wᵀz)² − π Σ λ_i z_i² < 0: a quadratic form in standard normals.
+    form = 2.0 * numpy.outer(w, w) - math.pi * numpy.diag(lam)
+    return _imhof_negative(numpy.linalg.eigvalsh(form))
+
+
+def _imhof_negative(nu: numpy.ndarray) -> float:
+    r"""P(Σ_i ν_i z_i² < 0) for standard normal z_i (Imhof 1961, eq. 3.2):
+
+    .. math::
+        P(Q < 0) = \frac12 - \frac1\pi \int_0^\infty \frac{\sin\theta(x)}{x\,\rho(x)}\,dx, \quad
+        \theta(x) = \frac12 \sum_i \arctan(\nu_i x), \quad \rho(x) = \prod_i (1 + \nu_i^2 x^2)^{1/4}
+
+    taken over x = e^u (the integrand, sin θ/ρ in u, is smooth and falls off at both ends)."""
+    nu = nu[numpy.abs(nu) > 1e-12 * numpy.abs(nu).max()]
+    x = _T[:, None] * nu[None, :]
+    theta = 0.5 * numpy.sum(numpy.arctan(x), axis=1)
+    log_rho = 0.25 * numpy.sum(numpy.log1p(x * x), axis=1)
+    return 0.5 - _integral(numpy.sin(theta) * numpy.exp(-log_rho)) / math.pi

@@ -347,7 +347,8 @@ class NoiseScaleEstimator:
                 se_t,
                 self.steps,
                 self.examples,
-                "tr(Σ)/|G|² overflows: the |G|² estimate is too small next to tr(Σ) to divide by",
+                "tr(Σ)/|G|² overflows: the |G|² estimate is too small next to tr(Σ) to divide by (or tr(Σ) "
+                "itself overflowed)",
             )
         se_r = None
         if se_g is not None and se_t is not None:

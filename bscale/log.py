@@ -253,18 +253,22 @@ def _drop_cut_last_line(path: Path) -> None:
             f.seek(size - 1)
             if f.read(1) == b"\n":
                 return
-            # Walk back to the last newline in blocks (a record is shorter than a block or two).
-            end, keep, tail = size, 0, b""
+            # Walk back to the last newline in blocks (a record is shorter than a block or two); a last line longer
+            # than _LONGEST_RECORD is no record this logger wrote, and is not kept to be parsed.
+            end, keep, blocks, held = size, 0, [], 0
             while end > 0:
                 start = max(0, end - 65536)
                 f.seek(start)
                 block = f.read(end - start)
                 cut = block.rfind(b"\n")
                 if cut >= 0:
-                    keep, tail = start + cut + 1, block[cut + 1 :] + tail
+                    keep = start + cut + 1
+                    blocks.append(block[cut + 1 :])
                     break
-                tail, end = block + tail, start
-            if _is_record(tail):
+                held += len(block)
+                blocks.append(block if held <= _LONGEST_RECORD else b"")
+                end = start
+            if held <= _LONGEST_RECORD and _is_record(b"".join(reversed(blocks))):
                 f.seek(size)
                 f.write(b"\n")
                 return
@@ -272,6 +276,9 @@ def _drop_cut_last_line(path: Path) -> None:
     except FileNotFoundError:
         return
     warnings.warn(f"{path}: removed a last line cut short by a crash before appending", RuntimeWarning, stacklevel=3)
+
+
+_LONGEST_RECORD = 1 << 20
 
 
 def _is_record(line: bytes) -> bool:

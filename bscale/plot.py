@@ -107,7 +107,10 @@ def _build_figure(records: list[Mapping[str, Any]], title: str | None) -> Figure
     if ok_batch.any():
         # A record holds the examples seen after its step and the batch that step used: the batch spans the
         # examples up to its own x, so it is drawn back to the previous record.
-        ax.step(x[ok_batch], batch[ok_batch], where="pre", color="C3", label="batch size")
+        # The first record's step began its own batch of examples earlier.
+        xb, yb = x[ok_batch], batch[ok_batch]
+        xb, yb = np.concatenate([[max(xb[0] - yb[0], 0.0)], xb]), np.concatenate([yb[:1], yb])
+        ax.step(xb, yb, where="pre", color="C3", label="batch size")
     if ok_precond.any():  # per-coordinate mode with Adam
         ax.plot(x[ok_precond], precond[ok_precond], color="C4", linestyle="--", label="B_noise, Adam-preconditioned")
     if positive.size:

@@ -144,7 +144,9 @@ class ExampleSchedule(LRScheduler):
         value = float(examples_seen)
         if not (0 <= value < math.inf):
             raise ValueError(f"examples_seen must be a non-negative, finite count, got {examples_seen!r}")
-        return value
+        # A Python or numpy number is kept as given (an int stays an int for the schedule function); a tensor
+        # count becomes a float, so that the learning rates stay floats.
+        return examples_seen if isinstance(examples_seen, numbers.Real) else value
 
     @property
     def finished(self) -> bool:

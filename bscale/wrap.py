@@ -39,10 +39,6 @@ __all__ = ["ScaledOptimizer", "wrap"]
 _RULES = ("noise", "linear", "sqrt")
 _LAWS = ("sgd", "adam")
 _BACKENDS = ("auto", "torch", "triton")
-# Microbatch sizes this close to equal (arithmetic over harmonic mean) still give Σ μ̂²/σ̂ and the noise-only level
-# of the per-coordinate readings; a Monte Carlo put the bias at that spread within its noise (~0.5%), against ~5%
-# at 1.09.
-_EQUAL_SIZES = 1.01
 _ADAM_LIKE = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "Adafactor", "RMSprop", "Adagrad", "SparseAdam")
 
 
@@ -522,6 +518,7 @@ class ScaledOptimizer(Optimizer):
         elif params is not None and not isinstance(params, set):  # a set: torch's own error below
             params = param_group["params"] = list(params)  # an iterator read once here, as torch does
         for p in params if isinstance(params, list) else []:
+            p = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # a named parameter, (name, tensor)
             # With ddp=, refused before the optimizer changes: a parameter it would step but never measure.
             if isinstance(p, torch.Tensor) and p.requires_grad and p not in self._slot and not _is_dtensor(p):
                 self._dp._check_ddp_param(p)
@@ -1314,7 +1311,7 @@ class ScaledOptimizer(Optimizer):
                 pooled = seen + self._layer_pending.pop(name, 0.0)
                 self._sub_estimator(name).update(s / k * to_true, g / m**2 * to_true, b, B, pooled)
         if coord is not None:
-            self._record_coordinate_stats(extra, k, b, B, c, seen, spread=examples / B)
+            self._record_coordinate_stats(extra, k, b, B, c, seen, tuple(self._sizes))
         return examples
 
     def _sub_estimator(self, name: str) -> NoiseScaleEstimator:
@@ -1386,9 +1383,9 @@ class ScaledOptimizer(Optimizer):
         return k_local, out
 
     def _record_coordinate_stats(
-        self, values: list[float], k: int, b: float, B: float, c: float, examples: float, spread: float = 1.0
+        self, values: list[float], k: int, b: float, B: float, c: float, examples: float, sizes: tuple[float, ...]
     ) -> None:
-        """`spread`: the arithmetic over the harmonic mean of the step's microbatch sizes (1 when they are equal)."""
+        """`sizes`: the step's microbatch sizes (per-coordinate mode is single-process: all k of them)."""
         d = dict(zip(self._COORD_KEYS, values[: len(self._COORD_KEYS)], strict=True))
         if not self._coord_precond:  # no Adam second moment to precondition with: those sums are not there
             d["precond_small"] = d["precond_big"] = math.nan
@@ -1396,14 +1393,11 @@ class ScaledOptimizer(Optimizer):
         # The kernels see gradients in the hooks' units (c·g): squares carry c², σ and μ²/σ carry |c|. Their sums
         # of μ̂² and μ̂²/σ̂ carry the step's sampling noise; the ones reported are made unbiased (coord_stats.py).
         sigma_sq = d["sum_sigma_sq"] / (c * c)
+        # Unequal microbatch sizes (an epoch's short last one) change the corrections, not their form.
         mu_sq, mu_sq_over_sigma = unbiased_coordinate_sums(
-            d["sum_mu_sq"] / (c * c), sigma_sq, d["sum_mu_sq_over_sigma"] / abs(c), d["sum_sigma"] / abs(c), k, B
+            d["sum_mu_sq"] / (c * c), sigma_sq, d["sum_mu_sq_over_sigma"] / abs(c), d["sum_sigma"] / abs(c), k, B, sizes
         )
-        noise_only = noise_only_small_batch_fraction(k)
-        if spread > _EQUAL_SIZES:
-            # The corrections of Σ μ̂²/σ̂ and the noise-only level hold for σ̂² ∝ χ²(k−1) independent of μ̂, i.e. for
-            # equal microbatches (coord_stats.py); a much smaller one (an epoch's last) leaves them biased.
-            mu_sq_over_sigma = noise_only = math.nan
+        noise_only = noise_only_small_batch_fraction(k, sizes)
         self._coord = {
             "coord/sum_mu_sq": mu_sq,
             "coord/sum_sigma_sq": sigma_sq,

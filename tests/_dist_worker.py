@@ -441,6 +441,7 @@ def ddp_ride_errors(c: Ctx) -> dict[str, Any]:
     )
     opt = bscale.wrap(torch.optim.SGD(ddp.parameters(), lr=0.05), MICRO, ddp=ddp)
     out["err_added"] = value_error(lambda: opt.add_param_group({"params": [extra]}))
+    out["err_added_named"] = value_error(lambda: opt.add_param_group({"params": [("extra", extra)]}))
     # Refused before the optimizer changed: no group that would be stepped and never measured.
     out["groups_after_refusal"] = len(opt.param_groups)
     return out

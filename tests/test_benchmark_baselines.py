@@ -23,8 +23,9 @@ def test_plain_eager_coordinate_stats_matches_the_library():
     shapes = [(1,), (7, 3), (4097,), (300,)]
     k, b = 6, 5.0
     sums = [torch.randn(s, generator=gen) for s in shapes]
-    # Σ g² ≥ (Σ g)²/k keeps the variance non-negative, as in real accumulation.
-    coord = [s.square() / k + torch.rand(s.shape, generator=gen) for s in sums]
+    # Σ g² ≥ (Σ g)²/k keeps the variance non-negative, as in real accumulation; kept well above it, so that
+    # float32 cancellation in C − S²/k cannot move a coordinate's σ̂ far between the two implementations.
+    coord = [s.square() / k + 0.5 + torch.rand(s.shape, generator=gen) for s in sums]
     sums[1][0, :2] = coord[1][0, :2] = 0.0  # coordinates with no gradient, counted apart
     v = [torch.rand(s, generator=gen) for s in shapes]
     edges = torch.tensor(K.DEFAULT_SNR_EDGES, dtype=torch.float32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bscale.coord_stats import chi_moments, noise_only_small_batch_fraction, unbiased_coordinate_sums
+from bscale.coord_stats import chi_moments, noise_only_small_batch_fraction, size_moments, unbiased_coordinate_sums
 from bscale.kernels.reference import coordinate_stats_reference
 
 
@@ -57,6 +57,64 @@ def test_step_sums_are_unbiased_for_known_means_and_spreads(k):
     for i, truth in enumerate((true_mu_sq, true_ratio)):
         assert abs(fixed[:, i].mean() - truth) < 4 * se[i], (i, fixed[:, i].mean(), truth, se[i])
         assert plug[:, i].mean() - truth > 10 * se[i]  # the plug-in sum is off: the test can fail
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8, 31])
+def test_size_moments_of_equal_sizes_are_the_chi_moments(k):
+    c1, c2, c3 = size_moments((5.0,) * (k - 1) + (5.0 * (1 + 1e-12),))  # through the integrals, not the shortcut
+    e1, e2 = chi_moments(k - 1)
+    assert c2 == pytest.approx(e2, rel=1e-10)
+    if k == 2:
+        assert c1 == c3 == math.inf
+    else:
+        assert c1 == pytest.approx(e1, rel=1e-10) and c3 == pytest.approx(e1, rel=1e-10)
+        assert noise_only_small_batch_fraction(k, (5.0,) * (k - 1) + (5.0 * (1 + 1e-12),)) == pytest.approx(
+            noise_only_small_batch_fraction(k), abs=1e-10
+        )
+
+
+def _unequal_steps(sizes, steps, g, n=2000):
+    """Per-coordinate plug-in sums of `steps` steps whose microbatch means are N(μ_i, σ_i²/b_j), and the truths."""
+    k = len(sizes)
+    b = torch.tensor(sizes, dtype=torch.float64)
+    harmonic = k / float((1 / b).sum())
+    sigma = torch.exp(0.5 * torch.randn(n, generator=g, dtype=torch.float64))
+    mu = torch.tensor([0.0, 0.05, 0.2, 1.0], dtype=torch.float64).repeat(n // 4) * sigma
+    rows = []
+    for _ in range(steps):
+        means = mu + sigma * torch.randn(k, n, generator=g, dtype=torch.float64) / b.sqrt()[:, None]
+        r = coordinate_stats_reference([means.sum(0)], [(means**2).sum(0)], k, harmonic)
+        rows.append({key: float(r[key]) for key in ("sum_mu_sq", "sum_sigma_sq", "sum_mu_sq_over_sigma", "sum_sigma")})
+    return rows, k * harmonic, float((mu**2 / sigma).sum())
+
+
+@pytest.mark.parametrize("sizes", [(1.0, 3.0, 8.0, 8.0), (16.0, 1.0, 1.0, 1.0), (32.0, 32.0, 32.0, 8.0)])
+def test_ratio_sum_is_unbiased_for_unequal_microbatches(sizes):
+    # Microbatches of unequal sizes: σ̂² is no longer a scaled χ² and is correlated with μ̂. Corrected for the
+    # sizes, the sum hits the truth; with the equal-size constants it is far off.
+    rows, big, truth = _unequal_steps(sizes, 400, torch.Generator().manual_seed(7))
+    k = len(sizes)
+    fixed = np.array([unbiased_coordinate_sums(**r, k=k, big_batch=big, sizes=sizes)[1] for r in rows])
+    naive = np.array([unbiased_coordinate_sums(**r, k=k, big_batch=big)[1] for r in rows])
+    se = fixed.std(ddof=1) / math.sqrt(len(fixed))
+    assert abs(fixed.mean() - truth) < 4 * se, (fixed.mean(), truth, se)
+    assert abs(naive.mean() - truth) > 10 * se  # the equal-size correction is off: the test can fail
+
+
+@pytest.mark.parametrize("sizes", [(8.0, 8.0, 1.0), (16.0, 1.0, 1.0, 1.0), (12.0, 2.0, 1.0, 1.0, 4.0)])
+def test_noise_only_fraction_for_unequal_microbatches(sizes):
+    # Pure noise (μ = 0): the share of coordinates with 2Bμ̂² < πσ̂², by simulation, against the Imhof integral.
+    k, n = len(sizes), 400_000
+    b = torch.tensor(sizes, dtype=torch.float64)
+    big = k * k / float((1 / b).sum())
+    means = torch.randn(k, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64) / b.sqrt()[:, None]
+    mu = means.mean(0)
+    sigma_sq = big / k / (k - 1) * ((means - mu) ** 2).sum(0)
+    share = float((2 * big * mu**2 < math.pi * sigma_sq).double().mean())
+    level = noise_only_small_batch_fraction(k, sizes)
+    se = math.sqrt(level * (1 - level) / n)
+    assert abs(share - level) < 4 * se, (share, level)
+    assert abs(share - noise_only_small_batch_fraction(k)) > 8 * se  # the equal-size level is off: it can fail
 
 
 def test_no_unbiased_ratio_from_two_microbatches():

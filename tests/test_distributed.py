@@ -258,6 +258,7 @@ def test_ride_refuses_what_it_cannot_ride(job):
         assert "process_group=" in result(job, rank, "err_group")
         assert "must be one that DDP synchronises" in result(job, rank, "err_outside")
         assert "must be one that DDP synchronises" in result(job, rank, "err_added")
+        assert "must be one that DDP synchronises" in result(job, rank, "err_added_named")
         assert result(job, rank, "groups_after_refusal") == 1
 
 

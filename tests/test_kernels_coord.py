@@ -266,6 +266,30 @@ def test_triton_one_launch_and_small_chunks(monkeypatch, seed):
     assert all(bool((c == 0).all()) for c in coord)
 
 
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="no triton")
+def test_coordinates_without_a_gradient_are_the_same_on_every_path():
+    # One coordinate per case; k = 4, so S = 2, C = 1 has σ̂ = 0 < |μ̂| exactly.
+    nan = math.nan
+    cases = [(0.0, 0.0), (1.0, nan), (nan, 1.0), (0.0, 1.0), (2.0, 1.0), (1e-24, 0.0), (0.3, 0.5)]
+    none, bin0, overflow = [0, 1, 2, 5], [3], [4]  # (1e-24, 0): S²/k underflows float32, as 0/0
+    s = torch.tensor([c[0] for c in cases])
+    results = {}
+    for backend in ("torch", "triton"):
+        c = torch.tensor([c[1] for c in cases])
+        results[backend] = K.coordinate_stats([s], [c], 4, 2.0, backend=backend)
+    ref = K.coordinate_stats_reference([s], [torch.tensor([c[1] for c in cases])], 4, 2.0)
+    for backend, stats in results.items():
+        assert float(stats["num_no_grad"]) == len(none), backend
+        hist = stats["snr_hist"]
+        assert float(hist.sum()) == len(cases) - len(none), backend
+        assert float(hist[0]) == len(bin0) and float(hist[-1]) == len(overflow), backend
+        # Of the three with a gradient, μ̂ = 0 and (0.3, 0.5) are inside the regime, σ̂ = 0 < |μ̂| is not.
+        assert float(stats["frac_small_batch"]) == pytest.approx(2 / 3, rel=1e-6), backend
+    # The float64 reference does not underflow at 1e-24: that coordinate is an infinite SNR there.
+    assert float(ref["num_no_grad"]) == len(none) - 1 and float(ref["snr_hist"][-1]) == len(overflow) + 1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_parameters(backend):
     stats = K.coordinate_stats([], [], 2, 1.0, backend=backend)

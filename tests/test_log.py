@@ -207,6 +207,12 @@ def test_read_jsonl_round_trip_and_truncated_tail(tmp_path):
         with JSONLLogger(path) as logger:
             logger.log({"noise_scale": 3.0}, 3)
     assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
+    # A cut last line longer than any record (2 MiB) is removed without being held whole.
+    with path.open("a") as f:
+        f.write('{"step": 4, "note": "' + "x" * (2 << 20))
+    with pytest.warns(RuntimeWarning, match="removed a last line cut short"), JSONLLogger(path) as logger:
+        logger.log({"noise_scale": 5.0}, 5)
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3, 5]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
@@ -596,7 +602,7 @@ def test_plot_panels_and_data():
     noise_line, batch_line = top.get_lines()
     expected = [(r["examples"], r["noise_scale"]) for r in records if not math.isnan(r["noise_scale"])]
     assert list(zip(*noise_line.get_data(), strict=True)) == expected  # NaN rows left out, none invented
-    assert len(batch_line.get_xdata()) == len(records)
+    assert len(batch_line.get_xdata()) == len(records) + 1  # and where the first record's step began
     assert len(top.collections) == 1  # the ± stderr band
     # The band never reaches zero (cannot be drawn on a log axis) even where stderr exceeds the value.
     band_y = top.collections[0].get_paths()[0].vertices[:, 1]
@@ -612,9 +618,9 @@ def test_plot_draws_each_batch_over_the_examples_of_its_step():
     batch_line = _build_figure(records, None).axes[0].get_lines()[1]
     path = batch_line.get_path()  # the drawn staircase, in data coordinates
     xs, ys = path.vertices[:, 0], path.vertices[:, 1]
-    # Step 4 took examples 49..80 at batch 32: the staircase is at 32 from x = 48 on.
+    # Step 4 took examples 49..80 at batch 32: the staircase is at 32 from x = 48 on; step 1 took 1..16.
     assert ys[(xs > 48) & (xs <= 80)].min() == 32
-    assert ys[xs < 48].max() == 16
+    assert ys[xs < 48].max() == 16 and xs.min() == 0
 
 
 def test_loggers_read_none_as_no_value(tmp_path):

@@ -91,6 +91,13 @@ def test_a_tensor_count_gives_float_learning_rates():
     sched.step(torch.tensor(8))
     assert type(opt.param_groups[0]["lr"]) is float and sched.get_last_lr() == [pytest.approx(0.8)]
     assert type(sched.examples_seen) is float
+    # A Python int stays an int for the schedule function (which may index with it).
+    table = [1.0, 0.5, 0.25]
+    opt = make_opt()
+    sched = ExampleSchedule(opt, lambda x: table[min(x // 1000, 2)], examples_seen=0)
+    opt.step()
+    sched.step(1500)
+    assert sched.get_last_lr() == [pytest.approx(0.5)] and type(sched.examples_seen) is int
 
 
 def test_tensor_learning_rate():

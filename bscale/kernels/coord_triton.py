@@ -54,12 +54,13 @@ def _coord_block(
         bins += (snr >= tl.load(edges_ptr + j)).to(tl.int32)
     # σ̂ = 0 < |μ̂|: an infinite SNR, the overflow bin. No gradient in the step (μ̂ = σ̂ = 0), or NaN: one past
     # the last bin, counted into num_no_grad.
-    none = ((mu == 0.0) & (sig == 0.0)) | (mu != mu) | (sig != sig)
+    # (As the torch path decides it: M = kμ̂² and D = C − M both 0, or NaN.)
+    none = ((mu2 == 0.0) & (sig2 == 0.0)) | (mu2 != mu2) | (m2 != m2)
     bins = tl.where(none, NUM_EDGES + 1, tl.where(pos, bins, NUM_EDGES))
     acc_hist += tl.histogram(bins, NUM_BINS_P2, mask=mask)
     # Surge thm. 3 regime B < π σ̂² / (2 μ̂²), written without a division; μ̂ = 0 is inside, and so is what has
     # no gradient or is NaN (taken back out of the count by the launcher, with num_no_grad).
-    outside = (mu != 0.0) & (two_big_b * mu2 >= 3.141592653589793 * sig2)
+    outside = (mu != 0.0) & (two_big_b * mu2 >= 3.141592653589793 * sig2) & (none == 0)
     acc_inside += tl.where(mask, 1.0 - outside.to(tl.float32), 0.0)
     if PRECOND:
         v = load_f32(v_addr, offs, mask, v_code, ALIGNED)

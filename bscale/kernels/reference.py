@@ -38,7 +38,7 @@ def coordinate_stats_reference(
     pos = sigma > 0
     safe = torch.where(pos, sigma, torch.ones_like(sigma))
     # No gradient in the step (μ̂ = σ̂ = 0), or NaN: counted apart, in neither the histogram nor the regime share.
-    none = ((mu == 0) & (sigma == 0)) | mu.isnan() | sigma.isnan()
+    none = ((mu**2 == 0) & (sigma_sq == 0)) | mu.isnan() | sigma_sq.isnan()
     snr = torch.where(pos, mu.abs() / safe, torch.full_like(mu, math.inf))  # σ̂ = 0 < |μ̂|: infinite
     edges = torch.as_tensor(DEFAULT_SNR_EDGES if snr_edges is None else snr_edges, dtype=torch.float64).cpu()
     # Bin i holds edges[i-1] <= snr < edges[i]: the number of edges at or below snr.
