@@ -570,6 +570,8 @@ class ScaledOptimizer(Optimizer):
             "measure_every": self.measure_every,
             "expected_k": self._expected_k,
             "coord": dict(getattr(self, "_coord", {})),  # the last measured step's per-coordinate readings
+            # What the last step's readings are built from: a resumed wrapper reads as the saved one did.
+            "last_step": None if self._stats_args is None else list(self._stats_args),
             "controller": None if self.controller is None else self.controller.state_dict(),
         }
 
@@ -579,7 +581,6 @@ class ScaledOptimizer(Optimizer):
             out = hook(self, state_dict)
             if out is not None:
                 state_dict = out
-        self._readings()  # the readings so far stay those of the run before the load
         state_dict = dict(state_dict)
         ours = state_dict.pop("bscale", None)
         self.optimizer.load_state_dict(state_dict)
@@ -593,6 +594,7 @@ class ScaledOptimizer(Optimizer):
             self._pending_examples = 0.0
             self._measure_missed = False
             self._coord = {}
+            self._stats_args, self._stats = None, None
         self._reset_step_stats()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
@@ -612,7 +614,6 @@ class ScaledOptimizer(Optimizer):
                 "load_bscale_state_dict takes the dict that bscale_state_dict() returned (the 'bscale' entry of "
                 f"state_dict()), got {type(state).__name__}"
             )
-        self._readings()  # the readings so far stay those of the run before the load
         self._load_ours(state)
         self._reset_step_stats()
 
@@ -645,6 +646,9 @@ class ScaledOptimizer(Optimizer):
             self._warned.discard("one_microbatch")
         if self.controller is not None and ours.get("controller") is not None:
             self.controller.load_state_dict(ours["controller"])
+        # The readings are those of the loaded state, as the saved wrapper gave them after its last step.
+        last = ours.get("last_step")
+        self._stats_args, self._stats = (None if last is None else tuple(last)), None
 
     def __repr__(self) -> str:
         return f"bscale.{type(self).__name__}({self.optimizer!r}, rule={self.rule!r}, law={self.law!r})"

@@ -506,6 +506,11 @@ def test_checkpoint_resume_is_bitwise(per_coordinate):
     model.load_state_dict(ckpt["model"])
     opt = _wrapped_adamw(model, per_coordinate=per_coordinate)
     opt.load_state_dict(ckpt["opt"])
+    # Read right after the load, the readings are those the saved run gave after its last step.
+    after_load = opt.stats
+    assert all(_same_float(straight[4][0][k], after_load[k]) for k in after_load), {
+        k: (straight[4][0][k], after_load[k]) for k in after_load if straight[4][0][k] != after_load[k]
+    }
     resumed += [(r, [p.detach().clone() for p in model.parameters()]) for r in _train_each(model, opt, data[5:])]
 
     assert any(math.isfinite(r["noise_scale"]) for r, _ in straight[5:])  # readings worth comparing
@@ -538,6 +543,7 @@ def test_resume_through_distributed_checkpoint_state_dicts():
     opt = _wrapped_adamw(model)
     set_optimizer_state_dict(model, opt, ckpt["optim"])
     opt.load_bscale_state_dict(ckpt["bscale"])
+    assert all(_same_float(straight[3][k], opt.stats[k]) for k in straight[3])  # as the saved run read
     resumed += list(_train_each(model, opt, data[4:]))
     assert math.isfinite(straight[-1]["noise_scale"])
     for r1, r2 in zip(straight, resumed, strict=True):
