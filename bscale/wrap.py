@@ -407,6 +407,7 @@ class ScaledOptimizer(Optimizer):
         self.examples = 0.0
         self._stats: dict[str, float] | None = None  # None: built from _stats_args when asked for
         self._stats_args: tuple | None = None  # ... or, before the first step, from the state as it stands
+        self._coord_gradless = 0  # per-coordinate mode: coordinates of the step's parameters without a .grad
         self._warned: set[str] = set()  # the keys of _WARNINGS already given (each once per wrapper)
         self._saw_backward = False  # any backward() reached the parameters since this wrapper was made ...
         self._own_steps = 0  # ... and the steps it has taken (`steps` also counts those of a loaded checkpoint)
@@ -1356,6 +1357,8 @@ class ScaledOptimizer(Optimizer):
         if k_local < 2 or not slots:
             return None
         grads, bufs, vs, used = [], [], [], []
+        # Coordinates of the parameters with no .grad at all this step (none of its backwards reached them).
+        self._coord_gradless = sum(p.numel() for p, g in zip(self._params, local_grads, strict=True) if g is None)
         for s in slots:
             p = self._params[s]
             g = local_grads[s]
@@ -1409,7 +1412,10 @@ class ScaledOptimizer(Optimizer):
             "coord/frac_small_batch": d["frac_small_batch"],
             "coord/frac_small_batch_noise_only": noise_only,
             # Coordinates that had no gradient in the step: in neither the SNR histogram nor the regime share.
-            "coord/frac_no_grad": d["num_no_grad"] / d["num_coords"] if d["num_coords"] else math.nan,
+            # (With .grad None, zero_grad's default, a parameter no backward reached is among them too.)
+            "coord/frac_no_grad": (d["num_no_grad"] + self._coord_gradless) / (d["num_coords"] + self._coord_gradless)
+            if d["num_coords"] + self._coord_gradless
+            else math.nan,
         }
         total = sum(hist)  # the coordinates with a gradient
         for i, h in enumerate(hist):

@@ -117,6 +117,14 @@ def test_noise_only_fraction_for_unequal_microbatches(sizes):
     assert abs(share - noise_only_small_batch_fraction(k)) > 8 * se  # the equal-size level is off: it can fail
 
 
+def test_sizes_are_checked_and_taken_as_any_sequence():
+    assert size_moments([1, 3, 8]) == size_moments((1.0, 3.0, 8.0)) == size_moments(np.array([1.0, 3.0, 8.0]))
+    with pytest.raises(ValueError, match="sizes has 3 entries for k = 5"):
+        unbiased_coordinate_sums(1.0, 2.0, 3.0, 4.0, k=5, big_batch=10.0, sizes=(1.0, 2.0, 3.0))
+    with pytest.raises(ValueError, match="positive microbatch sizes"):
+        size_moments([1.0, 0.0, 2.0])
+
+
 def test_no_unbiased_ratio_from_two_microbatches():
     mu_sq, ratio = unbiased_coordinate_sums(10.0, 40.0, 3.0, 5.0, k=2, big_batch=8.0)
     assert mu_sq == 10.0 - 40.0 / 8.0 and math.isnan(ratio)

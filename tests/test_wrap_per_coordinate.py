@@ -101,7 +101,7 @@ def test_unequal_microbatches_correct_for_their_sizes(last, monkeypatch):
 def test_coordinates_without_a_gradient_are_counted_apart():
     # A parameter whose gradient is exactly zero (an embedding's unused rows, units that never fire) adds 48
     # coordinates with no SNR: their share is reported, and the histogram and the regime share are the others'.
-    def run(extra: bool):
+    def run(extra: bool, reached: bool = True):
         torch.manual_seed(0)
         model = torch.nn.Linear(D, 1, bias=False)
         unused = torch.nn.Parameter(torch.randn(48))
@@ -111,12 +111,14 @@ def test_coordinates_without_a_gradient_are_counted_apart():
         for _ in range(K):
             x = torch.randn(B_MICRO, D, generator=gen)
             loss = 0.5 * (model(x).squeeze(-1) - x.sum(1) + torch.randn(B_MICRO, generator=gen)).pow(2).mean()
-            ((loss + 0.0 * unused.sum()) / K).backward()
+            ((loss + 0.0 * unused.sum() if reached else loss) / K).backward()
         opt.step()
         return opt.stats
 
     with_unused, without = run(True), run(False)
     assert with_unused["coord/frac_no_grad"] == 48 / (48 + D) and without["coord/frac_no_grad"] == 0.0
+    # A parameter no backward reached (its .grad None, as zero_grad leaves it) counts the same.
+    assert run(True, reached=False)["coord/frac_no_grad"] == 48 / (48 + D)
     keys = ["coord/frac_small_batch", *(k for k in without if k.startswith("coord/snr_hist/"))]
     assert {k: with_unused[k] for k in keys} == pytest.approx({k: without[k] for k in keys}, rel=1e-6)
     assert math.isclose(sum(with_unused[k] for k in keys[1:]), 1.0, rel_tol=1e-6)

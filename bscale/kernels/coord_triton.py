@@ -55,7 +55,8 @@ def _coord_block(
     # σ̂ = 0 < |μ̂|: an infinite SNR, the overflow bin. No gradient in the step (μ̂ = σ̂ = 0), or NaN: one past
     # the last bin, counted into num_no_grad.
     # (As the torch path decides it: M = kμ̂² and D = C − M both 0, or NaN.)
-    none = ((mu2 == 0.0) & (sig2 == 0.0)) | (mu2 != mu2) | (m2 != m2)
+    d = m2 - mu2  # NaN for inf − inf, as on the torch path
+    none = ((mu2 == 0.0) & (sig2 == 0.0)) | (d != d)
     bins = tl.where(none, NUM_EDGES + 1, tl.where(pos, bins, NUM_EDGES))
     acc_hist += tl.histogram(bins, NUM_BINS_P2, mask=mask)
     # Surge thm. 3 regime B < π σ̂² / (2 μ̂²), written without a division; μ̂ = 0 is inside, and so is what has
