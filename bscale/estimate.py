@@ -322,34 +322,20 @@ class NoiseScaleEstimator:
             reason = "standard errors are unavailable: beta = 0 keeps one step, or the squares overflowed"
         # Clamp only what is reported: tr(Σ) ≥ 0 always; |G|² ≤ 0 means the signal is not resolved yet.
         trace = max(T, 0.0)
-        if G <= 0.0:
-            return NoiseReading(
-                None,
-                None,
-                None,
-                se_g,
-                trace,
-                se_t,
-                self.steps,
-                self.examples,
+        R = trace / G if G > 0.0 else math.nan
+        if not math.isfinite(R):
+            # |G|² not positive (the signal not resolved yet), or so small next to tr(Σ) that the ratio overflows:
+            # no noise scale for the laws to use.
+            why = (
                 "the |G|² estimate is not positive yet: noise dominates the signal at this horizon "
-                "(B_noise is far above the batch size); keep training or raise beta",
+                "(B_noise is far above the batch size); keep training or raise beta"
+                if G <= 0.0
+                else "tr(Σ)/|G|² overflows: the |G|² estimate is too small next to tr(Σ) to divide by (or tr(Σ) "
+                "itself overflowed)"
             )
-        R = trace / G
-        if math.isinf(R):
-            # |G|² so small next to tr(Σ) that the ratio overflows: no finite noise scale for the laws to use.
             return NoiseReading(
-                None,
-                None,
-                G,
-                se_g,
-                trace,
-                se_t,
-                self.steps,
-                self.examples,
-                "tr(Σ)/|G|² overflows: the |G|² estimate is too small next to tr(Σ) to divide by (or tr(Σ) "
-                "itself overflowed)",
-            )
+                None, None, G if G > 0.0 else None, se_g, trace, se_t, self.steps, self.examples, why
+            )  # fmt: skip
         se_r = None
         if se_g is not None and se_t is not None:
             # Divided by G twice, not by G²: a tiny G (an estimator fed only zeros for a long time) would underflow G².

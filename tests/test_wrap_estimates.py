@@ -443,17 +443,22 @@ def _known_answer_run(specs: dict[str, tuple[int, float, float]], *, steps=200, 
     return opt, truths
 
 
-def test_a_module_without_gradients_keeps_its_reading_and_is_not_fed_zeros():
-    # Per-module readings; module "a" is frozen after 5 steps. Its estimator must not take the steps it had no
-    # gradient in as zero gradients (that decayed its averages towards 0, until |G|² underflowed and the
-    # standard error divided by zero, raising from opt.stats): it keeps its last reading.
-    model = _Regressions({"a": 4, "b": 4})
-    opt = wrap(
+def _per_module(model: torch.nn.Module):
+    """SGD at lr 0 (the point stays fixed) with per-module readings and a short horizon."""
+    return wrap(
         torch.optim.SGD(model.parameters(), lr=0.0),
         microbatch_size=8,
         beta=0.5,
         named_parameters=model.named_parameters(),
     )
+
+
+def test_a_module_without_gradients_keeps_its_reading_and_is_not_fed_zeros():
+    # Per-module readings; module "a" is frozen after 5 steps. Its estimator must not take the steps it had no
+    # gradient in as zero gradients (that decayed its averages towards 0, until |G|² underflowed and the
+    # standard error divided by zero, raising from opt.stats): it keeps its last reading.
+    model = _Regressions({"a": 4, "b": 4})
+    opt = _per_module(model)
     g = torch.Generator().manual_seed(5)
     for step in range(12):
         if step == 5:
@@ -475,12 +480,7 @@ def _expert_run(steps: range, state: dict | None = None):
     """Module "a" gets a gradient on even steps only (an expert routed to every other step); "b" on every step."""
     torch.manual_seed(0)
     model = _Regressions({"a": 4, "b": 4})
-    opt = wrap(
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        microbatch_size=8,
-        beta=0.5,
-        named_parameters=model.named_parameters(),
-    )
+    opt = _per_module(model)
     if state is not None:
         opt.load_state_dict(state)
     for step in steps:
