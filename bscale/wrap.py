@@ -1357,8 +1357,10 @@ class ScaledOptimizer(Optimizer):
         if k_local < 2 or not slots:
             return None
         grads, bufs, vs, used = [], [], [], []
-        # Coordinates of the parameters with no .grad at all this step (none of its backwards reached them).
-        self._coord_gradless = sum(p.numel() for p, g in zip(self._params, local_grads, strict=True) if g is None)
+        # Coordinates of the trainable parameters with no .grad at all this step (no backward reached them).
+        self._coord_gradless = sum(
+            p.numel() for p, g in zip(self._params, local_grads, strict=True) if g is None and p.requires_grad
+        )
         for s in slots:
             p = self._params[s]
             g = local_grads[s]
