@@ -37,11 +37,6 @@ from collections.abc import Sequence
 
 import numpy
 
-# Beyond this many microbatches the exact corrections (a k×k eigenproblem and integrals over it, every step whose
-# sizes are new) cost more than they are worth: one unequal microbatch among so many moves the constants little,
-# and the equal-size ones (with the harmonic-mean batch) are used.
-MAX_EXACT_K = 128
-
 
 def chi_moments(nu: int) -> tuple[float, float]:
     r"""``(c1, c2)`` = :math:`(E[(\chi^2_\nu/\nu)^{-1/2}], E[(\chi^2_\nu/\nu)^{1/2}])`; c1 is inf for ν ≤ 1."""
@@ -77,7 +72,7 @@ def unbiased_coordinate_sums(
     mu_sq = sum_mu_sq - sum_sigma_sq / big_batch
     if sizes is not None and len(sizes) != k:
         raise ValueError(f"sizes has {len(sizes)} entries for k = {k} microbatches; pass one size per microbatch")
-    if sizes is not None and len(set(sizes)) > 1 and k <= MAX_EXACT_K:
+    if sizes is not None and len(set(sizes)) > 1:
         c1, c2, c3 = size_moments(sizes)
     else:
         c1, c2 = chi_moments(k - 1)
@@ -127,10 +122,15 @@ def size_moments(sizes: Sequence[float]) -> tuple[float, float, float]:
 
     c1 and c3 are infinite for k = 2.
     """
+    return _size_moments(_checked_sizes(sizes))
+
+
+def _checked_sizes(sizes: Sequence[float]) -> tuple[float, ...]:
+    """The sizes as a tuple of floats (the caches' key); at least two, each positive and finite."""
     values = tuple(float(b) for b in sizes)
     if len(values) < 2 or not all(math.isfinite(b) and b > 0 for b in values):
         raise ValueError(f"sizes must be at least two positive microbatch sizes, got {sizes!r}")
-    return _size_moments(values)
+    return values
 
 
 @functools.lru_cache(maxsize=64)
@@ -157,8 +157,8 @@ def noise_only_small_batch_fraction(k: int, sizes: Sequence[float] | None = None
     """
     if sizes is not None and len(sizes) != k:
         raise ValueError(f"sizes has {len(sizes)} entries for k = {k} microbatches; pass one size per microbatch")
-    if sizes is not None and len(set(sizes)) > 1 and k <= MAX_EXACT_K:
-        return _noise_only_unequal(tuple(float(b) for b in sizes))
+    if sizes is not None and len(set(sizes)) > 1:
+        return _noise_only_unequal(_checked_sizes(sizes))
     nu = k - 1
     if nu < 1:
         raise ValueError(f"k must be at least 2 microbatches, got {k!r}")

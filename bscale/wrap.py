@@ -573,6 +573,7 @@ class ScaledOptimizer(Optimizer):
             "coord": dict(getattr(self, "_coord", {})),  # the last measured step's per-coordinate readings
             # What the last step's readings are built from: a resumed wrapper reads as the saved one did.
             "last_step": None if self._stats_args is None else list(self._stats_args),
+            "last_batch": self._last_batch,
             "controller": None if self.controller is None else self.controller.state_dict(),
         }
 
@@ -650,6 +651,7 @@ class ScaledOptimizer(Optimizer):
         # The readings are those of the loaded state, as the saved wrapper gave them after its last step.
         last = ours.get("last_step")
         self._stats_args, self._stats = (None if last is None else tuple(last)), None
+        self._last_batch = ours.get("last_batch", self._last_batch)
 
     def __repr__(self) -> str:
         return f"bscale.{type(self).__name__}({self.optimizer!r}, rule={self.rule!r}, law={self.law!r})"
@@ -1357,14 +1359,17 @@ class ScaledOptimizer(Optimizer):
         if k_local < 2 or not slots:
             return None
         grads, bufs, vs, used = [], [], [], []
-        # Coordinates of the trainable parameters with no .grad at all this step (no backward reached them).
+        # The trainable parameters no measured backward reached, whatever zero_grad left in their .grad (None, or
+        # zeros): without a gradient this step, or without a buffer yet. Frozen ones count nowhere.
         self._coord_gradless = sum(
-            p.numel() for p, g in zip(self._params, local_grads, strict=True) if g is None and p.requires_grad
+            p.numel()
+            for s, (p, g) in enumerate(zip(self._params, local_grads, strict=True))
+            if p.requires_grad and (g is None or s not in self._coord_sq)
         )
         for s in slots:
             p = self._params[s]
             g = local_grads[s]
-            if g is None:
+            if g is None or not p.requires_grad:
                 continue
             used.append(s)
             grads.append(g)

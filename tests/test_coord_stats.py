@@ -123,6 +123,19 @@ def test_sizes_are_checked_and_taken_as_any_sequence():
         unbiased_coordinate_sums(1.0, 2.0, 3.0, 4.0, k=5, big_batch=10.0, sizes=(1.0, 2.0, 3.0))
     with pytest.raises(ValueError, match="positive microbatch sizes"):
         size_moments([1.0, 0.0, 2.0])
+    with pytest.raises(ValueError, match="positive microbatch sizes"):
+        noise_only_small_batch_fraction(3, [1.0, 0.0, 2.0])
+
+
+def test_many_microbatches_with_one_short_are_corrected_exactly():
+    # An epoch's short last microbatch among many still carries much of σ̂²: the sizes' constants are used at
+    # any k (at k = 129 the equal-size ones were 5% off).
+    sizes = [64.0] * 128 + [1.0]
+    k, big = len(sizes), len(sizes) ** 2 / sum(1 / b for b in sizes)
+    c1, c2, c3 = size_moments(sizes)
+    assert c1 > 1.05 * chi_moments(k - 1)[0]
+    got = unbiased_coordinate_sums(1.0, 2.0, 3.0, 4.0, k=k, big_batch=big, sizes=sizes)[1]
+    assert got == pytest.approx((3.0 - c3 / c2 * 4.0 / big) / c1, rel=1e-12)
 
 
 def test_no_unbiased_ratio_from_two_microbatches():

@@ -498,6 +498,7 @@ def test_checkpoint_resume_is_bitwise(per_coordinate):
     model = _model()
     opt = _wrapped_adamw(model, per_coordinate=per_coordinate)
     resumed = [(r, [p.detach().clone() for p in model.parameters()]) for r in _train_each(model, opt, data[:5])]
+    saved_batch = opt.batch_size
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
@@ -507,6 +508,7 @@ def test_checkpoint_resume_is_bitwise(per_coordinate):
     opt = _wrapped_adamw(model, per_coordinate=per_coordinate)
     opt.load_state_dict(ckpt["opt"])
     # Read right after the load, the readings are those the saved run gave after its last step.
+    assert opt.batch_size == saved_batch is not None
     after_load = opt.stats
     assert all(_same_float(straight[4][0][k], after_load[k]) for k in after_load), {
         k: (straight[4][0][k], after_load[k]) for k in after_load if straight[4][0][k] != after_load[k]

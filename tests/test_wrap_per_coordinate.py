@@ -124,6 +124,27 @@ def test_coordinates_without_a_gradient_are_counted_apart():
     assert math.isclose(sum(with_unused[k] for k in keys[1:]), 1.0, rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_coordinates_without_a_gradient_do_not_depend_on_zero_grads_convention(set_to_none):
+    # "a" is used every step, "b" at the first step only, "c" is frozen after the first step: at the third, b's
+    # coordinates have no gradient (whether zero_grad left None or zeros in .grad), c's are not trained.
+    torch.manual_seed(0)
+    a, b, c = (torch.nn.Linear(D, 1, bias=False) for _ in range(3))
+    params = [*a.parameters(), *b.parameters(), *c.parameters()]
+    opt = bscale.wrap(torch.optim.Adam(params, lr=0.0), microbatch_size=B_MICRO, per_coordinate=True)
+    for step in range(3):
+        if step == 1:
+            c.weight.requires_grad_(False)
+        used = (a, b, c) if step == 0 else (a,)
+        for _ in range(K):
+            x = torch.randn(B_MICRO, D)
+            loss = sum(0.5 * (m(x).squeeze(-1) - x.sum(1) + torch.randn(B_MICRO)).pow(2).mean() for m in used)
+            (loss / K).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=set_to_none)
+    assert opt.stats["coord/frac_no_grad"] == 0.5  # b's D coordinates of a's and b's 2·D
+
+
 def test_per_coordinate_values_do_not_depend_on_the_loss_convention():
     mean_rows, _ = _run("mean")
     sum_rows, _ = _run("sum")

@@ -55,7 +55,9 @@ def _coord_block(
     # σ̂ = 0 < |μ̂|: an infinite SNR, the overflow bin. No gradient in the step (μ̂ = σ̂ = 0), or NaN: one past
     # the last bin, counted into num_no_grad.
     # (As the torch path decides it: M = kμ̂² and D = C − M both 0, or NaN.)
-    d = m2 - mu2  # NaN for inf − inf, as on the torch path
+    # NaN for inf − inf, as on the torch path; within float32 rounding of overflow or underflow (|g| near 1e19
+    # or 1e-22) the two paths, whose operations differ in order, may still classify a coordinate differently.
+    d = m2 - mu2
     none = ((mu2 == 0.0) & (sig2 == 0.0)) | (d != d)
     bins = tl.where(none, NUM_EDGES + 1, tl.where(pos, bins, NUM_EDGES))
     acc_hist += tl.histogram(bins, NUM_BINS_P2, mask=mask)
