@@ -128,14 +128,21 @@ def test_sizes_are_checked_and_taken_as_any_sequence():
 
 
 def test_many_microbatches_with_one_short_are_corrected_exactly():
-    # An epoch's short last microbatch among many still carries much of σ̂²: the sizes' constants are used at
-    # any k (at k = 129 the equal-size ones were 5% off).
+    # An epoch's short last microbatch among many still carries much of σ̂²: the sizes' constants are used up
+    # to MAX_EXACT_K (at k = 129 the equal-size ones were 5% off).
     sizes = [64.0] * 128 + [1.0]
     k, big = len(sizes), len(sizes) ** 2 / sum(1 / b for b in sizes)
     c1, c2, c3 = size_moments(sizes)
     assert c1 > 1.05 * chi_moments(k - 1)[0]
     got = unbiased_coordinate_sums(1.0, 2.0, 3.0, 4.0, k=k, big_batch=big, sizes=sizes)[1]
     assert got == pytest.approx((3.0 - c3 / c2 * 4.0 / big) / c1, rel=1e-12)
+
+
+@pytest.mark.parametrize("k", [64, 256])
+def test_noise_only_integral_stays_accurate_up_to_the_exact_limit(k):
+    # Near-equal sizes through Imhof's integral against the F(1, k − 1) closed form, at the largest k it serves.
+    sizes = [5.0] * (k - 1) + [5.0 * (1 + 1e-12)]
+    assert noise_only_small_batch_fraction(k, sizes) == pytest.approx(noise_only_small_batch_fraction(k), abs=1e-8)
 
 
 def test_no_unbiased_ratio_from_two_microbatches():
