@@ -77,10 +77,9 @@ def unbiased_coordinate_sums(
         The two sums; the second is NaN for k = 2, where no unbiased estimate exists.
     """
     mu_sq = sum_mu_sq - sum_sigma_sq / big_batch
-    if sizes is not None and len(sizes) != k:
-        raise ValueError(f"sizes has {len(sizes)} entries for k = {k} microbatches; pass one size per microbatch")
-    if sizes is not None and len(set(sizes)) > 1 and k <= MAX_EXACT_K:
-        c1, c2, c3 = size_moments(sizes)
+    unequal = _unequal(k, sizes)
+    if unequal is not None:
+        c1, c2, c3 = _size_moments(unequal)
     else:
         c1, c2 = chi_moments(k - 1)
         c3 = c1
@@ -100,7 +99,7 @@ def _integral(values: numpy.ndarray) -> float:
     return float(numpy.sum(values[..., 1:-1], axis=-1) * _DU + 0.5 * _DU * (values[..., 0] + values[..., -1]))
 
 
-def _standardised(sizes: tuple[float, ...]) -> tuple[numpy.ndarray, numpy.ndarray, float]:
+def _standardised(sizes: tuple[float, ...]) -> tuple[numpy.ndarray, numpy.ndarray]:
     """Eigenvalues λ and the weight vector w (in the eigenbasis) of σ̂²/σ² = Σ_i λ_i z_i² and B(μ̂ − μ)²/σ² =
     (wᵀz)², with z standard normal: microbatch means y_j = z_j/√b_j about μ, in units of σ."""
     b = numpy.asarray(sizes, dtype=numpy.float64)
@@ -113,7 +112,7 @@ def _standardised(sizes: tuple[float, ...]) -> tuple[numpy.ndarray, numpy.ndarra
     lam, vectors = numpy.linalg.eigh(m)
     lam = numpy.clip(lam, 0.0, None)  # the null direction comes out at rounding level
     w = vectors.T @ (root * math.sqrt(k * harmonic) / k)  # √B·(1ᵀy/k) = wᵀz
-    return lam, w, k * harmonic
+    return lam, w
 
 
 def size_moments(sizes: Sequence[float]) -> tuple[float, float, float]:
@@ -132,6 +131,15 @@ def size_moments(sizes: Sequence[float]) -> tuple[float, float, float]:
     return _size_moments(_checked_sizes(sizes))
 
 
+def _unequal(k: int, sizes: Sequence[float] | None) -> tuple[float, ...] | None:
+    """The checked sizes when they differ and the exact corrections apply (k ≤ MAX_EXACT_K), else None."""
+    if sizes is None:
+        return None
+    if len(sizes) != k:
+        raise ValueError(f"sizes has {len(sizes)} entries for k = {k} microbatches; pass one size per microbatch")
+    return _checked_sizes(sizes) if len(set(sizes)) > 1 and k <= MAX_EXACT_K else None
+
+
 def _checked_sizes(sizes: Sequence[float]) -> tuple[float, ...]:
     """The sizes as a tuple of floats (the caches' key); at least two, each positive and finite."""
     values = tuple(float(b) for b in sizes)
@@ -142,7 +150,7 @@ def _checked_sizes(sizes: Sequence[float]) -> tuple[float, ...]:
 
 @functools.lru_cache(maxsize=64)
 def _size_moments(sizes: tuple[float, ...]) -> tuple[float, float, float]:
-    lam, w, _ = _standardised(sizes)
+    lam, w = _standardised(sizes)
     log_laplace = -0.5 * numpy.sum(numpy.log1p(2.0 * _T[:, None] * lam[None, :]), axis=1)
     c2 = _integral(-numpy.expm1(log_laplace) / numpy.sqrt(_T)) / (2.0 * math.sqrt(math.pi))
     if len(sizes) == 2:  # X is one scaled χ²₁: E[X^{-1/2}] diverges
@@ -162,10 +170,9 @@ def noise_only_small_batch_fraction(k: int, sizes: Sequence[float] | None = None
     forms of Abramowitz & Stegun 26.7.3-4 in θ = arctan(√(x/ν)). For microbatches of unequal `sizes` it is
     P(2B μ̂² < π σ̂²) of the module docstring's model, by :func:`_imhof_negative`.
     """
-    if sizes is not None and len(sizes) != k:
-        raise ValueError(f"sizes has {len(sizes)} entries for k = {k} microbatches; pass one size per microbatch")
-    if sizes is not None and len(set(sizes)) > 1 and k <= MAX_EXACT_K:
-        return _noise_only_unequal(_checked_sizes(sizes))
+    unequal = _unequal(k, sizes)
+    if unequal is not None:
+        return _noise_only_unequal(unequal)
     nu = k - 1
     if nu < 1:
         raise ValueError(f"k must be at least 2 microbatches, got {k!r}")
@@ -189,7 +196,7 @@ def noise_only_small_batch_fraction(k: int, sizes: Sequence[float] | None = None
 
 @functools.lru_cache(maxsize=64)
 def _noise_only_unequal(sizes: tuple[float, ...]) -> float:
-    lam, w, _ = _standardised(sizes)
+    lam, w = _standardised(sizes)
     # Inside ⇔ 2(wᵀz)² − π Σ λ_i z_i² < 0: a quadratic form in standard normals.
     form = 2.0 * numpy.outer(w, w) - math.pi * numpy.diag(lam)
     return _imhof_negative(numpy.linalg.eigvalsh(form))

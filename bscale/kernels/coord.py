@@ -545,7 +545,7 @@ def _count_bins(rows: _Rows, idx: torch.Tensor, nbins: int, paired: bool) -> tor
     if not paired:
         return torch.bincount(idx, minlength=nbins + 1)  # bin nbins: no gradient
     if idx.numel() % 2:
-        rows.spare.fill_(nbins)  # a bin no element has, left out by `_assemble`
+        rows.spare.fill_(nbins)  # the no-gradient bin: `_assemble` takes these fillers back out
     torch.add(rows.second, rows.first, alpha=nbins + 1, out=rows.pairs)
     return torch.bincount(rows.pairs, minlength=(nbins + 1) ** 2)
 

@@ -42,8 +42,9 @@ def _coord_block(
     mu = s * inv_k
     m2 = c * inv_k
     mu2 = mu * mu
+    d = m2 - mu2  # NaN for inf − inf
     # Rounding can make m2 - mu² slightly negative when the spread is tiny: clamp at 0.
-    sig2 = tl.maximum(m2 - mu2, 0.0) * var_scale
+    sig2 = tl.maximum(d, 0.0) * var_scale
     sig = tl.sqrt_rn(sig2)
     pos = sig > 0.0
     safe = tl.where(pos, sig, 1.0)
@@ -53,11 +54,9 @@ def _coord_block(
     for j in tl.static_range(NUM_EDGES):
         bins += (snr >= tl.load(edges_ptr + j)).to(tl.int32)
     # σ̂ = 0 < |μ̂|: an infinite SNR, the overflow bin. No gradient in the step (μ̂ = σ̂ = 0), or NaN: one past
-    # the last bin, counted into num_no_grad.
-    # (As the torch path decides it: M = kμ̂² and D = C − M both 0, or NaN.)
-    # NaN for inf − inf, as on the torch path; within float32 rounding of overflow or underflow (|g| near 1e19
-    # or 1e-22) the two paths, whose operations differ in order, may still classify a coordinate differently.
-    d = m2 - mu2
+    # the last bin, counted into num_no_grad. (As the torch path decides it: M = kμ̂² and D = C − M both 0, or
+    # NaN; within float32 rounding of overflow or underflow, |g| near 1e19 or 1e-22, the two paths, whose
+    # operations differ in order, may still classify a coordinate differently.)
     none = ((mu2 == 0.0) & (sig2 == 0.0)) | (d != d)
     bins = tl.where(none, NUM_EDGES + 1, tl.where(pos, bins, NUM_EDGES))
     acc_hist += tl.histogram(bins, NUM_BINS_P2, mask=mask)
